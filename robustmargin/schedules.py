@@ -1,0 +1,95 @@
+"""Learning-rate schedules: each one takes the SGD steps of a pass and decides whether a pass that
+raised the full training loss is rolled back. All work on the batch loss relative to the frame
+F = L̄ (the mean training loss after the last accepted epoch, see losses.relative_loss), so no loss is
+ever held in linear space.
+
+- constant:    θ ← θ − η F ∇R, plain SGD with learning rate η on the true loss; never rolls back.
+- loss-based:  the paper's rule (Appendix L.1): θ ← θ − α ∇R, i.e. η_t = α_t / L̄_{t−1}; an accepted
+               pass multiplies α by r_up, a rejected one is rolled back and divides α by r_down.
+- line-search: ours. A loss-based pass moves θ0 → θ1; then θ0 + k (θ1 − θ0) is tried for
+               k = 2, 4, 8, … on the full training set (forward passes only, no gradient) and the
+               largest k that keeps lowering the loss without lowering the normalized margin is kept.
+               The pass finds a good direction; the search walks it as far as it stays good, which the
+               step-size rule alone, held back by the curvature between competing support points,
+               cannot do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robustmargin import losses
+from robustmargin.config import TrainConfig
+
+
+
+class Constant:
+    rejects = False
+    extrapolates = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.alpha = cfg.lr
+
+    def step_size(self, log_frame: float) -> float:
+        return self.alpha * math.exp(log_frame)
+
+    def lr_log10(self, log_frame: float) -> float:
+        return math.log10(self.alpha)
+
+    def step(self, model, params, x, y, log_frame: float) -> bool:
+        """One SGD step on the batch (x, y); False if the batch loss blew up."""
+        rel = losses.relative_loss(model(x), y, log_frame, self.cfg.loss)
+        if not rel <= self.cfg.batch_loss_ceiling:  # also catches nan
+            return False
+        grads = torch.autograd.grad(rel, params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
+        return True
+
+    def update(self, accepted: bool) -> None:
+        pass
+
+    def exhausted(self) -> bool:
+        return self.alpha < self.cfg.lr_floor
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha = float(state["alpha"])
+
+
+class LossBased(Constant):
+    rejects = True
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.alpha = cfg.alpha0
+
+    def step_size(self, log_frame: float) -> float:
+        return self.alpha
+
+    def lr_log10(self, log_frame: float) -> float:
+        return math.log10(self.alpha) - log_frame / math.log(10)
+
+    def update(self, accepted: bool) -> None:
+        self.alpha = self.alpha * self.cfg.r_up if accepted else self.alpha / self.cfg.r_down
+
+
+class Normalized(LossBased):
+    """Per-step normalized steps θ ← θ − α ∇ log L_b (η = α / L_b), α adapted per pass as in loss-based."""
+
+    def step(self, model, params, x, y, log_frame: float) -> bool:
+        log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
+        if not float(log_batch) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
+            return False
+        grads = torch.autograd.grad(log_batch, params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-self.alpha)
+        return True
+
+
+def make_schedule(cfg: TrainConfig):
+    return {"constant": Constant, "loss-based": LossBased, "line-search": Normalized}[cfg.schedule](cfg)
