@@ -21,7 +21,7 @@ import tomli_w
 from robustmargin.errors import UserError
 
 DATASETS = ("mnist5k", "mnist", "cifar10")
-SCHEDULES = ("constant", "loss-based", "line-search")
+SCHEDULES = ("constant", "loss-based", "normalized")
 
 
 @dataclass
@@ -46,9 +46,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     loss: str = "ce"                    # ce | logistic | exp
-    schedule: str = "loss-based"        # constant | loss-based | line-search
+    schedule: str = "loss-based"        # constant | loss-based | normalized
     lr: float = 0.01                    # constant schedule
-    alpha0: float = 0.1                 # loss-based and line-search
+    alpha0: float = 0.1                 # loss-based and normalized
     r_up: float = 2 ** (1 / 5)
     r_down: float = 2 ** (1 / 10)
     lr_floor: float = 1e-50             # stop when α falls below
@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every_decades: float = 0.0   # > 0: also a checkpoint every this many decades of loss
     stop_log10_loss: float = -math.inf      # stop once the training loss is below 10^this
     max_seconds: float = math.inf           # stop (and save `final`) after this much training time
+    max_steps: int = 0                      # stop after this many SGD steps, rolled-back ones included (0: no limit)
 
 
 @dataclass
@@ -117,6 +118,7 @@ def _check(cfg: Config) -> Config:
                 ("train.batch_size", t.batch_size), ("train.eval_batch_size", t.eval_batch_size),
                 ("train.max_seconds", t.max_seconds)]
     non_negative = [("data.n_train", d.n_train), ("data.n_test", d.n_test), ("train.epochs", t.epochs),
+                    ("train.max_steps", t.max_steps),
                     ("train.checkpoint_every_decades", t.checkpoint_every_decades)]
     for key, value in positive:
         if not value > 0:

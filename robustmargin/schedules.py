@@ -6,12 +6,11 @@ ever held in linear space.
 - constant:    θ ← θ − η F ∇R, plain SGD with learning rate η on the true loss; never rolls back.
 - loss-based:  the paper's rule (Appendix L.1): θ ← θ − α ∇R, i.e. η_t = α_t / L̄_{t−1}; an accepted
                pass multiplies α by r_up, a rejected one is rolled back and divides α by r_down.
-- line-search: ours. A loss-based pass moves θ0 → θ1; then θ0 + k (θ1 − θ0) is tried for
-               k = 2, 4, 8, … on the full training set (forward passes only, no gradient) and the
-               largest k that keeps lowering the loss without lowering the normalized margin is kept.
-               The pass finds a good direction; the search walks it as far as it stays good, which the
-               step-size rule alone, held back by the curvature between competing support points,
-               cannot do.
+- normalized:  ours. Each step is normalized by its own batch loss, θ ← θ − α ∇ log L_b (η = α / L_b),
+               with α adapted per pass by the loss-based rule. Under the frame F = L̄ a batch that
+               holds a point whose margin was just hurt gets a step L_b / L̄ times larger, which can
+               be 1e6 times; that cascade is what forces α down in loss-based. Normalizing by L_b
+               bounds every step by α times the largest margin gradient, so α can stay far larger.
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from robustmargin.config import TrainConfig
 
 class Constant:
     rejects = False
-    extrapolates = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -78,18 +76,27 @@ class LossBased(Constant):
         self.alpha = self.alpha * self.cfg.r_up if accepted else self.alpha / self.cfg.r_down
 
 
+COMPENSATE = True
+
+
 class Normalized(LossBased):
     """Per-step normalized steps θ ← θ − α ∇ log L_b (η = α / L_b), α adapted per pass as in loss-based."""
 
     def step(self, model, params, x, y, log_frame: float) -> bool:
         log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
-        if not float(log_batch) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
+        if not float(log_batch.detach()) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
             return False
         grads = torch.autograd.grad(log_batch, params)
         with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=-self.alpha)
+            torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
         return True
+
+    def step_size(self, log_frame: float) -> float:
+        return self.alpha / max(1.0, -log_frame) ** 2 if COMPENSATE else self.alpha
+
+    def lr_log10(self, log_frame: float) -> float:
+        return math.log10(self.step_size(log_frame)) - log_frame / math.log(10)
 
 
 def make_schedule(cfg: TrainConfig):
-    return {"constant": Constant, "loss-based": LossBased, "line-search": Normalized}[cfg.schedule](cfg)
+    return {"constant": Constant, "loss-based": LossBased, "normalized": Normalized}[cfg.schedule](cfg)

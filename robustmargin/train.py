@@ -3,6 +3,7 @@ checkpoints at loss thresholds, and exact resume from the last accepted epoch.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,13 +18,13 @@ from robustmargin.config import Config, config_from_dict, load_config
 from robustmargin.data import SHAPES, load_data
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write, atomic_write_text
+from robustmargin.kkt import gradient_alignment
 from robustmargin.models import HomogeneousNet, ModelSpec, build_model, parameter_norms
 from robustmargin.schedules import make_schedule
 
 SUPPORT_DECADES = 7
 BETA_POINTS = 256      # β uses the highest-loss points: exact once fewer lie within e^40 of the max loss
 BETA_LOG_WINDOW = 40.0
-MAX_EXTRAPOLATION = 1024  # line-search schedule: largest multiple of a pass's displacement tried
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -53,17 +54,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     return Evaluation(losses.sample_log_losses(logits, y, loss), margins.sample_margins(logits, y))
 
 
-def gradient_alignment(model: HomogeneousNet, x: torch.Tensor, y: torch.Tensor, ev: Evaluation, loss: str) -> float:
-    """β = cos∠(θ, −∇S), from ∇ log S (same direction, never underflows) over the highest-loss points."""
-    keep = ev.log_losses > ev.log_losses.max() - BETA_LOG_WINDOW
-    idx = torch.nonzero(keep).squeeze(1)
-    idx = idx[ev.log_losses[idx].argsort(descending=True)[:BETA_POINTS]]
-    params = [p for g in model.layer_groups() for p in g]
-    log_s = losses.log_sum(losses.sample_log_losses(model(x[idx]), y[idx], loss))
-    grads = torch.autograd.grad(log_s, params)
-    theta = torch.cat([p.detach().flatten().double() for p in params])
-    g = torch.cat([gr.flatten().double() for gr in grads])
-    return float(-(theta @ g) / (theta.norm() * g.norm()).clamp_min(1e-300))
+def highest_loss_points(ev: Evaluation) -> torch.Tensor:
+    """Indices of the points that carry ∇S to float64 precision (within e^40 of the largest loss),
+    at most BETA_POINTS of them: β from these is exact late in training, when it matters."""
+    idx = torch.nonzero(ev.log_losses > ev.log_losses.max() - BETA_LOG_WINDOW).squeeze(1)
+    return idx[ev.log_losses[idx].argsort(descending=True)[:BETA_POINTS]]
 
 
 def threshold_name(t: float) -> str:
@@ -104,7 +99,7 @@ class Trainer:
         try:
             state = torch.load(self.state_path(), map_location=self.device, weights_only=True)
             self.model.load_state_dict(state["model"])
-        except (RuntimeError, OSError, KeyError, EOFError) as err:
+        except Exception as err:  # any damage to the file means the same: it cannot be resumed from
             raise UserError(f"cannot resume: {self.state_path()} is corrupt ({type(err).__name__})") from None
         self.epoch, self.log_frame = int(state["epoch"]), float(state["log_frame"])
         self.grad_evals, self.seconds = int(state["grad_evals"]), float(state["seconds"])
@@ -156,40 +151,14 @@ class Trainer:
         t = self.cfg.train
         return evaluate(self.model, self.x, self.y, t.loss, t.eval_batch_size)
 
-    def normalized_margin(self, ev: Evaluation) -> float:
-        rho = math.sqrt(sum(r * r for r in parameter_norms(self.model)))
-        return float(ev.margins.min()) / rho ** self.model.order
-
-    @torch.no_grad()
-    def extrapolate(self, start: list[torch.Tensor], ev: Evaluation) -> tuple[Evaluation, int]:
-        """Walk the pass's displacement d from θ0: keep the largest k = 2^j such that θ0 + k d lowers
-        the loss and does not lower the normalized margin, trying k in turn."""
-        end = [p.detach().clone() for p in self.params]
-        step = torch._foreach_sub(end, start)
-        best_k, best, best_margin = 1, ev, self.normalized_margin(ev)
-        k = 2
-        while k <= MAX_EXTRAPOLATION:
-            torch._foreach_copy_(self.params, start)
-            torch._foreach_add_(self.params, step, alpha=k)
-            trial = self.evaluate_train()
-            margin = self.normalized_margin(trial)
-            if not (trial.log_mean < best.log_mean and margin >= best_margin):
-                break
-            best_k, best, best_margin = k, trial, margin
-            k *= 2
-        torch._foreach_copy_(self.params, end)
-        if best_k > 1:
-            torch._foreach_copy_(self.params, start)
-            torch._foreach_add_(self.params, step, alpha=best_k)
-        return best, best_k
-
-    def metrics_row(self, ev: Evaluation, rollbacks: int, step_factor: int) -> dict:
+    def metrics_row(self, ev: Evaluation, rollbacks: int) -> dict:
         t, model = self.cfg.train, self.model
         norms = parameter_norms(model)
         rho = math.sqrt(sum(r * r for r in norms))
         scale = rho ** model.order
         q_min = float(ev.margins.min())
         log_sum = float(losses.log_sum(ev.log_losses))
+        beta_idx = highest_loss_points(ev)
         test = evaluate(model, self.x_test, self.y_test, t.loss, t.eval_batch_size) if len(self.y_test) else None
         row = {
             "epoch": self.epoch, "log10_loss": losses.log10(ev.log_mean), "train_acc": ev.accuracy,
@@ -201,9 +170,9 @@ class Trainer:
             "smoothed_normalized_margin": margins.smoothed_normalized_margin(log_sum, t.loss, scale),
             "alpha": self.schedule.alpha,
             "lr_log10": self.schedule.lr_log10(ev.log_mean),
-            "rollbacks": rollbacks, "step_factor": step_factor, "grad_evals": self.grad_evals,
+            "rollbacks": rollbacks, "grad_evals": self.grad_evals,
             "train_evals": self.train_evals, "seconds": round(self.seconds, 3),
-            "beta": gradient_alignment(model, self.x, self.y, ev, t.loss),
+            "beta": gradient_alignment(model, self.x[beta_idx], self.y[beta_idx], t.loss),
         }
         row.update({f"rho_{i + 1}": r for i, r in enumerate(norms)})
         row.update({f"support_{k + 1}": c for k, c in enumerate(margins.support_counts(ev.margins, SUPPORT_DECADES))})
@@ -221,9 +190,9 @@ class Trainer:
         record_checkpoint(self.out, self.model, name=name, epoch=self.epoch, log10_loss=log10_loss,
                           threshold_log10=threshold, meta={"config": self.cfg.to_dict()})
 
-    def accept(self, ev: Evaluation, rollbacks: int, step_factor: int = 1) -> dict:
+    def accept(self, ev: Evaluation, rollbacks: int) -> dict:
         self.log_frame = ev.log_mean
-        row = self.metrics_row(ev, rollbacks, step_factor)
+        row = self.metrics_row(ev, rollbacks)
         self.append_metrics(row)
         for thr in self.thresholds_due(row["log10_loss"]):
             self.checkpoint(threshold_name(thr), row["log10_loss"], thr)
@@ -237,7 +206,9 @@ class Trainer:
         start = time.perf_counter()
         if resume and self.state_path().exists():
             self.load_state()
-        else:
+        else:  # a fresh start, or a kill before the first state was saved: begin again
+            self.metrics_path().unlink(missing_ok=True)
+            (self.out / "checkpoints" / "index.csv").unlink(missing_ok=True)
             self.accept(self.evaluate_train(), 0)
         bar = tqdm(total=t.epochs, initial=self.epoch, disable=self.quiet, unit="epoch", dynamic_ncols=True)
         stop, rollbacks = "epochs", 0
@@ -247,6 +218,9 @@ class Trainer:
                 break
             if self.seconds + time.perf_counter() - start >= t.max_seconds:
                 stop = "time budget"
+                break
+            if t.max_steps and self.grad_evals >= t.max_steps:
+                stop = "step budget"
                 break
             if self.schedule.exhausted():
                 stop = "learning-rate floor"
@@ -264,14 +238,11 @@ class Trainer:
             if not ok:
                 stop = "diverged"
                 break
-            factor = 1
-            if self.schedule.extrapolates:
-                new, factor = self.extrapolate(backup, new)
             self.epoch += 1
             now = time.perf_counter()
             self.seconds += now - start
             start = now
-            row = self.accept(new, rollbacks, factor)
+            row = self.accept(new, rollbacks)
             rollbacks = 0
             bar.update(1)
             bar.set_postfix_str(f"log10 loss {row['log10_loss']:.1f}  margin {row['normalized_margin']:.3g}"
@@ -296,10 +267,12 @@ def _check_out(cfg: Config, out: Path, resume: bool) -> None:
         return
     old = load_config(saved).to_dict()
     new = cfg.to_dict()
-    free = {"epochs", "device", "max_seconds", "stop_log10_loss"}  # may change when a run is continued
+    # keys that may change when a run is continued: where it runs, where data lies, when it stops
+    free = {"train.epochs", "train.device", "train.max_seconds", "train.max_steps", "train.stop_log10_loss",
+            "data.root", "data.download"}
     for section in new:
         for key in new[section]:
-            if not (section == "train" and key in free) and old[section][key] != new[section][key]:
+            if f"{section}.{key}" not in free and old[section][key] != new[section][key]:
                 raise UserError(f"{out} belongs to another config ({section}.{key} = {old[section][key]!r} "
                                 f"there, {new[section][key]!r} here)")
 
@@ -307,6 +280,8 @@ def _check_out(cfg: Config, out: Path, resume: bool) -> None:
 def train(config: Config | dict, out: str | Path, *, resume: bool = False, quiet: bool = True) -> Path:
     """Train per `config` into run directory `out`; with `resume`, continue a killed run."""
     cfg = config if isinstance(config, Config) else config_from_dict(config)
+    # a run directory must find its data from anywhere: keep the data root absolute
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve())))
     out = Path(out)
     _check_out(cfg, out, resume)
     trainer = Trainer(cfg, out, quiet=quiet)

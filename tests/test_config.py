@@ -151,7 +151,7 @@ def roundtrip_configs() -> list[Config]:
     custom = Config(
         data=DataConfig(name="mnist", root="/tmp/some where/ä", download=True, n_train=123, n_test=45, split_seed=9),
         model=ModelConfig(name="mlp", bias="none", width=0.1 + 0.2, activation="relu2", hidden=[7, 3, 1]),
-        train=TrainConfig(loss="logistic", schedule="line-search", lr=1 / 3, alpha0=2 ** -0.5, r_up=1.0,
+        train=TrainConfig(loss="logistic", schedule="normalized", lr=1 / 3, alpha0=2 ** -0.5, r_up=1.0,
                           r_down=1 + 2 ** -52, lr_floor=5e-324, batch_loss_ceiling=1e308, batch_size=1,
                           eval_batch_size=7, epochs=0, seed=2 ** 40, device="cuda:0",
                           thresholds=[-1e-300, -7.25, -880.0], checkpoint_every_decades=5.0,

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robustmargin {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustmargin {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"robustmargin {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
 
 

@@ -5,9 +5,7 @@ import argparse
 from pathlib import Path
 
 from robustmargin.config import load_config, load_preset, preset_names, with_overrides
-from robustmargin.data import run_config
 from robustmargin.errors import UserError
-from robustmargin.train import train
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +31,8 @@ def resolve(args: argparse.Namespace):
     elif args.config:
         cfg, out = load_config(args.config), args.out or Path("runs") / args.config.stem
     elif args.resume and args.out:
+        from robustmargin.data import run_config
+
         cfg, out = run_config(args.out), args.out
     else:
         raise UserError("give --preset NAME or --config FILE (or --resume with --out DIR)")
@@ -42,6 +42,8 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustmargin.train import train  # torch loads only when a command runs, not for --help
+
     cfg, out = resolve(args)
     train(cfg, out, resume=args.resume, quiet=args.quiet)
     return 0

@@ -1,0 +1,44 @@
+"""`robustmargin reproduce`: train, attack, analyze and report in one command."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from robustmargin.cli.train import resolve
+from robustmargin.config import SCHEDULES, preset_names
+from robustmargin.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("reproduce", help="train → attack → analyze → report")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"built-in configuration: {', '.join(preset_names())}")
+    source.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--out", type=Path, help="run directory (default runs/PRESET or runs/CONFIG-NAME)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--n", type=int, default=100, help="points attacked per split (default 100)")
+    p.add_argument("--companions", default=None,
+                   help="comma-separated schedules trained alongside for the loss comparison "
+                        "(default: the schedules other than the preset's; 'none' for none)")
+    p.add_argument("--companion-seconds", type=float, default=45.0,
+                   help="training time of each companion run (default 45)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from robustmargin.reproduce import reproduce
+
+    args.resume, args.epochs, args.seed = True, None, None
+    cfg, out = resolve(args)
+    companions = None
+    if args.companions is not None:
+        companions = tuple(s for s in args.companions.split(",") if s and s != "none")
+        unknown = [s for s in companions if s not in SCHEDULES]
+        if unknown:
+            raise UserError(f"unknown schedule {unknown[0]!r} in --companions; choose from {', '.join(SCHEDULES)}")
+    seconds = reproduce(cfg, out, companions=companions, companion_seconds=args.companion_seconds,
+                        n=args.n, device=cfg.train.device, quiet=args.quiet)
+    if not args.quiet:
+        print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return 0
