@@ -76,7 +76,7 @@ class LossBased(Constant):
         self.alpha = self.alpha * self.cfg.r_up if accepted else self.alpha / self.cfg.r_down
 
 
-COMPENSATE = True
+COMPENSATE = False
 
 
 class Normalized(LossBased):

@@ -1,0 +1,23 @@
+"""`robustmargin report --run DIR`: figures and a self-contained RUN/report.html from an analyzed run."""
+from __future__ import annotations
+
+import argparse
+
+from robustmargin.report import write_report
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("report", help="write RUN/figures/*.png and RUN/report.html (after analyze)",
+                              description=__doc__)
+    p.add_argument("--run", dest="run_dir", required=True, metavar="DIR",
+                   help="run directory, analyzed with `robustmargin analyze`")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    path = write_report(args.run_dir)
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
