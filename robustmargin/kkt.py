@@ -117,23 +117,24 @@ def kkt_residuals(model: HomogeneousNet, x: torch.Tensor, y: torch.Tensor, *, k:
 
 
 def gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", *,
-                       batch_size: int = 1000) -> float:
+                       batch_size: int = 1000, dtype: torch.dtype = torch.float64) -> float:
     """β = cos ∠(θ, −∇_θ S), S the summed training loss over (x, y).
 
     Uses ∇ log S = ∇S / S (same direction, never underflows), accumulated over batches in log space:
-    ∇ log S = Σ_b (S_b / S) ∇ log S_b."""
+    ∇ log S = Σ_b (S_b / S) ∇ log S_b. The network runs in `dtype` (float32 for a cheap per-epoch value;
+    the losses are float64 either way)."""
     check_loss(loss)
-    net = copy.deepcopy(model).double()
+    net = copy.deepcopy(model).to(dtype)
     params = [p.requires_grad_(True) for p in net.parameters()]
     device = params[0].device
     log_s, g = -math.inf, torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        xb, yb = xb.to(device).double(), yb.to(device)
+        xb, yb = xb.to(device=device, dtype=dtype), yb.to(device)
         log_sb = log_sum(sample_log_losses(_squeeze(net(xb)), yb, loss))
         g_b = torch.cat([t.reshape(-1) for t in torch.autograd.grad(log_sb, params)])
         lb = float(log_sb.detach())
         new = float(np.logaddexp(log_s, lb))
         g = g * math.exp(log_s - new) + g_b * math.exp(lb - new)
         log_s = new
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
     return float(-(theta @ g) / (theta.norm() * g.norm()))

@@ -172,7 +172,7 @@ class Trainer:
             "lr_log10": self.schedule.lr_log10(ev.log_mean),
             "rollbacks": rollbacks, "grad_evals": self.grad_evals,
             "train_evals": self.train_evals, "seconds": round(self.seconds, 3),
-            "beta": gradient_alignment(model, self.x[beta_idx], self.y[beta_idx], t.loss),
+            "beta": gradient_alignment(model, self.x[beta_idx], self.y[beta_idx], t.loss, dtype=torch.float32),
         }
         row.update({f"rho_{i + 1}": r for i, r in enumerate(norms)})
         row.update({f"support_{k + 1}": c for k, c in enumerate(margins.support_counts(ev.margins, SUPPORT_DECADES))})
