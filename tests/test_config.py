@@ -20,13 +20,24 @@ def test_presets_load():
         assert cfg == config_from_dict(cfg.to_dict())  # already valid, nothing changes on revalidation
 
 
-def test_quick_preset_values():
+def test_quick_preset_is_a_cpu_run_past_the_paper_thresholds():
     cfg = load_preset("quick")
-    assert (cfg.data.name, cfg.data.n_train, cfg.data.n_test) == ("mnist5k", 1000, 1000)
-    assert (cfg.model.name, cfg.model.bias, cfg.model.width) == ("cnn", "first", 0.25)
-    assert cfg.train.thresholds == [-10.0, -15.0, -20.0, -120.0]
-    assert cfg.train.stop_log10_loss == -130.0
-    assert cfg.train.r_up == 2 ** (1 / 5) and cfg.train.r_down == 2 ** (1 / 10)  # defaults kept
+    assert cfg.data.name == "mnist5k" and cfg.train.device == "cpu"
+    assert cfg.model.bias in ("none", "first")  # homogeneous
+    assert set(cfg.train.thresholds) >= {-10.0, -15.0, -20.0, -120.0}
+    assert cfg.train.stop_log10_loss < -120.0
+
+
+@pytest.mark.parametrize("name,model,lr", [("mnist", "cnn", 0.01), ("cifar", "vgg16", 0.1)])
+def test_paper_presets_match_the_paper(name, model, lr):
+    main, constant = load_preset(f"paper-{name}"), load_preset(f"paper-{name}-constant")
+    for cfg in (main, constant):
+        assert (cfg.model.name, cfg.model.width, cfg.train.batch_size, cfg.train.epochs) == (model, 1.0, 100, 10000)
+        assert cfg.data.n_train == 0 and cfg.train.device == "cuda"
+    assert main.train.schedule == "loss-based" and (main.train.alpha0, main.train.r_up, main.train.r_down) == (
+        0.1, 2 ** (1 / 5), 2 ** (1 / 10))
+    assert constant.train.schedule == "constant" and constant.train.lr == lr
+    assert main.data == constant.data and main.model == constant.model
 
 
 def test_unknown_preset():
