@@ -91,8 +91,9 @@ class Trainer:
 
     def save_state(self) -> None:
         state = {"model": self.model.state_dict(), "epoch": self.epoch, "log_frame": self.log_frame,
-                 "grad_evals": self.grad_evals, "train_evals": self.train_evals, "seconds": self.seconds, "passed": sorted(self.passed),
-                 "schedule": self.schedule.state_dict(), "batches": self.batches.get_state()}
+                 "grad_evals": self.grad_evals, "train_evals": self.train_evals, "seconds": self.seconds,
+                 "passed": sorted(self.passed), "schedule": self.schedule.state_dict(),
+                 "batches": self.batches.get_state()}
         atomic_write(self.state_path(), lambda tmp: torch.save(state, tmp))
 
     def load_state(self) -> None:
@@ -107,24 +108,27 @@ class Trainer:
         self.passed = set(state["passed"])
         self.schedule.load_state_dict(state["schedule"])
         self.batches.set_state(state["batches"])
-        # drop what a kill left after the last saved state
-        rows = list(csv.DictReader(open(self.metrics_path())))
-        self._write_metrics([r for r in rows if int(r["epoch"]) <= self.epoch], list(rows[0]) if rows else None)
-        index = read_index(self.out, required=False)
-        if len(index):
-            write_index(self.out, index[index["epoch"] <= self.epoch])
+        self.drop_rows_after_state()
 
     def metrics_path(self) -> Path:
         return self.out / "metrics.csv"
 
-    def _write_metrics(self, rows: list[dict], columns: list[str] | None) -> None:
+    def drop_rows_after_state(self) -> None:
+        """Remove the metrics rows and index entries that a kill left after the last saved state."""
+        with open(self.metrics_path(), newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(r["epoch"]) <= self.epoch]
+            columns = reader.fieldnames or []
+
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=columns or [])
-                w.writeheader()
-                w.writerows(rows)
-        if columns:
-            atomic_write(self.metrics_path(), write)
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.metrics_path(), write)
+        index = read_index(self.out, required=False)
+        if len(index):
+            write_index(self.out, index[index["epoch"] <= self.epoch])
 
     def append_metrics(self, row: dict) -> None:
         new = not self.metrics_path().exists()
