@@ -250,7 +250,7 @@ class Trainer:
             rollbacks = 0
             bar.update(1)
             bar.set_postfix_str(f"log10 loss {row['log10_loss']:.1f}  margin {row['normalized_margin']:.3g}"
-                                f"  lr 1e{row['lr_log10']:.1f}  rollbacks {row['rollbacks']}")
+                                f"  α {row['alpha']:.2g}  rollbacks {row['rollbacks']}")
         bar.close()
         self.seconds += time.perf_counter() - start
         self.checkpoint("final", losses.log10(self.log_frame), None)
