@@ -1,0 +1,33 @@
+"""Minimal-L2 adversarial attacks with one signature, and the runner that measures them.
+
+Every attack is `attack(model, inputs, labels, *, steps=..., ...) -> adversarial inputs`
+(same shape as inputs; the original input where nothing was found). Measuring —
+skipping misclassified points, verifying results, distances, cost — is the runner's job.
+"""
+from robustmargin.attacks.cw import carlini_wagner_l2
+from robustmargin.attacks.ddn import ddn
+from robustmargin.attacks.fmn import fmn
+from robustmargin.attacks.runner import (
+    ATTACKS,
+    ENSEMBLE,
+    FAST_SETTINGS,
+    AttackResult,
+    get_attack,
+    minimal_distances,
+    per_sample_minimum,
+    run_attack,
+)
+
+__all__ = [
+    "ATTACKS",
+    "ENSEMBLE",
+    "FAST_SETTINGS",
+    "AttackResult",
+    "carlini_wagner_l2",
+    "ddn",
+    "fmn",
+    "get_attack",
+    "minimal_distances",
+    "per_sample_minimum",
+    "run_attack",
+]

@@ -1,0 +1,174 @@
+"""Benchmark the attacks on a run's checkpoints; prints one JSON object.
+
+(a) our CW vs foolbox's CW with identical reduced hyperparameters: median per-sample
+    distance ratio (target 0.99–1.01) and wall-time ratio (target ours ≤ 0.5× foolbox);
+(b) the fast default ensemble (DDN + FMN + short CW, per-sample minimum) vs foolbox's CW
+    at its reference settings (9 × 10000 steps, abort early): median distance ratio
+    (target ≤ 1.01) and time ratio (target ≤ 1/20). Foolbox's reference CW is slow, so it
+    runs on the first `--reference-n` points of each checkpoint (said so in the JSON), and
+    the time ratio compares cost per attacked point.
+
+Usage: python scripts/bench_attacks.py --run DIR [--n 100] [--split test]
+       python scripts/bench_attacks.py --selftest   (trains a small CNN itself; no run needed)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustmargin.attacks.runner import ENSEMBLE, AttackResult, fast_options, run_attack
+
+CW_REDUCED = {"steps": 200, "binary_search_steps": 5}
+
+
+def selftest_models(n: int) -> tuple[list[tuple[str, nn.Module]], torch.Tensor, torch.Tensor]:
+    """A small bias-free CNN trained briefly on embedded MNIST; a second copy with logits ×1e3
+    (same decision boundary) stands in for a long-trained checkpoint's huge logits."""
+    from robustmargin.config import config_from_dict
+    from robustmargin.data import load_data
+    from robustmargin.models import ModelSpec, build_model
+
+    splits = load_data(config_from_dict({"data": {"n_train": 1000, "n_test": max(n, 100)}}).data)
+    x, y = splits["train"]
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="cnn", bias="none", width=0.25))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(8):
+        for i in range(0, len(x), 50):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50]).backward()
+            opt.step()
+    model.eval()
+    scaled = build_model(model.spec)
+    scaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        scaled.weight_layers[-1].weight.mul_(1e3)
+    xt, yt = splits["test"]
+    return [("selftest", model), ("selftest-x1e3", scaled.eval())], xt[:n], yt[:n]
+
+
+def run_models(run_dir: Path, split: str, n: int, names: str) -> tuple[list[tuple[str, nn.Module]], torch.Tensor,
+                                                                      torch.Tensor]:
+    from robustmargin.checkpoints import load_checkpoint, read_index
+    from robustmargin.data import load_split
+
+    index = read_index(run_dir)
+    if names != "all":
+        index = index[index["name"].isin(names.split(","))]
+    models = [(str(r.name), load_checkpoint(run_dir / "checkpoints" / str(r.file))[0]) for r in index.itertuples()]
+    x, y = load_split(run_dir, split)
+    return models, x[:n], y[:n]
+
+
+def cost(results: list[AttackResult]) -> dict[str, Any]:
+    return {"seconds": round(sum(r.seconds for r in results), 3), "forwards": sum(r.forwards for r in results),
+            "backwards": sum(r.backwards for r in results), "attacked_points": sum(r.attacked for r in results)}
+
+
+def median_ratio(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
+    """Median of per-sample ratios over points attacked and solved by both; failures counted apart."""
+    attacked = (ours > 0) | (theirs > 0)
+    both = attacked & torch.isfinite(ours) & torch.isfinite(theirs)
+    ratio = ours[both] / theirs[both]
+    return {
+        "median_distance_ratio": round(float(ratio.median()), 5) if len(ratio) else None,
+        "ratio_p10_p90": [round(float(ratio.quantile(q)), 4) for q in (0.1, 0.9)] if len(ratio) else None,
+        "points_compared": int(both.sum()),
+        "failures_ours": int((attacked & torch.isinf(ours)).sum()),
+        "failures_theirs": int((attacked & torch.isinf(theirs)).sum()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run directory with checkpoints")
+    src.add_argument("--selftest", action="store_true", help="train a small CNN here instead of reading a run")
+    p.add_argument("--n", type=int, default=100, help="points per checkpoint (default 100)")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--checkpoints", default="all")
+    p.add_argument("--reference-n", type=int, default=10,
+                   help="points per checkpoint for foolbox's 9x10000-step CW (default 10)")
+    p.add_argument("--cw-steps", type=int, default=CW_REDUCED["steps"])
+    p.add_argument("--cw-search-steps", type=int, default=CW_REDUCED["binary_search_steps"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a,b")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.selftest:
+        models, x, y = selftest_models(args.n)
+    else:
+        models, x, y = run_models(args.run, args.split, args.n, args.checkpoints)
+    reduced = {"steps": args.cw_steps, "binary_search_steps": args.cw_search_steps}
+    out: dict[str, Any] = {
+        "setup": {"source": "selftest" if args.selftest else str(args.run), "split": args.split, "n": len(x),
+                  "checkpoints": [name for name, _ in models], "threads": args.threads,
+                  "torch": torch.__version__, "device": "cpu"},
+    }
+
+    if "a" not in args.skip:
+        ours, theirs, rows = [], [], []
+        for name, model in models:
+            r_ours = run_attack(model, x, y, "cw", batch_size=len(x), **reduced)
+            r_fb = run_attack(model, x, y, "foolbox-cw", batch_size=len(x), **reduced)
+            ours.append(r_ours)
+            theirs.append(r_fb)
+            rows.append({"checkpoint": name, **median_ratio(r_ours.distances, r_fb.distances),
+                         "time_ratio": round(r_ours.seconds / r_fb.seconds, 3)})
+        summary = median_ratio(torch.cat([r.distances for r in ours]), torch.cat([r.distances for r in theirs]))
+        out["a_cw_vs_foolbox_cw"] = {
+            "hyperparameters": {**reduced, "initial_const": 1e-3, "lr": 0.01, "abort_early": True},
+            **summary,
+            "time_ratio": round(cost(ours)["seconds"] / cost(theirs)["seconds"], 3),
+            "ours": cost(ours), "foolbox": cost(theirs), "per_checkpoint": rows,
+            "targets": {"median_distance_ratio": [0.99, 1.01], "time_ratio_max": 0.5},
+        }
+        print(json.dumps(out["a_cw_vs_foolbox_cw"]), file=sys.stderr)
+
+    if "b" not in args.skip:
+        k = min(args.reference_n, len(x))
+        ens_results: list[AttackResult] = []
+        ens_best, ref_results, rows = [], [], []
+        for name, model in models:
+            per_attack = [run_attack(model, x, y, a, batch_size=len(x), **fast_options(a)) for a in ENSEMBLE]
+            ens_results += per_attack
+            best = torch.stack([r.distances for r in per_attack]).amin(0)
+            ens_best.append(best[:k])
+            t0 = time.perf_counter()
+            r_ref = run_attack(model, x[:k], y[:k], "foolbox-cw", batch_size=k)
+            ref_results.append(r_ref)
+            rows.append({"checkpoint": name, **median_ratio(best[:k], r_ref.distances),
+                         "foolbox_seconds": round(time.perf_counter() - t0, 2)})
+        ens_cost, ref_cost = cost(ens_results), cost(ref_results)
+        per_point = {
+            "ensemble_seconds_per_point": ens_cost["seconds"] / max(ens_cost["attacked_points"] / len(ENSEMBLE), 1),
+            "foolbox_seconds_per_point": ref_cost["seconds"] / max(ref_cost["attacked_points"], 1),
+        }
+        out["b_fast_ensemble_vs_foolbox_cw_reference"] = {
+            "ensemble": {name: fast_options(name) for name in ENSEMBLE},
+            "reference": {"attack": "foolbox-cw", "steps": 10000, "binary_search_steps": 9, "abort_early": True,
+                          "subset": f"first {k} of the {len(x)} points of each checkpoint (foolbox's reference CW "
+                                    "is too slow for all of them on this CPU); distances compared on that subset, "
+                                    "time compared per attacked point"},
+            **median_ratio(torch.cat(ens_best), torch.cat([r.distances for r in ref_results])),
+            "time_ratio": round(per_point["ensemble_seconds_per_point"] / per_point["foolbox_seconds_per_point"], 4),
+            **{key: round(v, 4) for key, v in per_point.items()},
+            "ensemble_cost_all_points": ens_cost, "foolbox_cost_subset": ref_cost,
+            "per_checkpoint": rows,
+            "targets": {"median_distance_ratio_max": 1.01, "time_ratio_max": round(1 / 20, 4)},
+        }
+    print(json.dumps(out, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
