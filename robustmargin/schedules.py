@@ -36,12 +36,16 @@ class Constant:
     def lr_log10(self, log_frame: float) -> float:
         return math.log10(self.alpha)
 
+    def objective(self, log_batch: torch.Tensor, log_frame: float) -> torch.Tensor:
+        """What a step descends: R = L_b / F, whose gradient is the true one divided by F."""
+        return torch.exp(log_batch - log_frame)
+
     def step(self, model, params, x, y, log_frame: float) -> bool:
-        """One SGD step on the batch (x, y); False if the batch loss blew up."""
-        rel = losses.relative_loss(model(x), y, log_frame, self.cfg.loss)
-        if not rel <= self.cfg.batch_loss_ceiling:  # also catches nan
+        """One SGD step on the batch (x, y); False if the batch loss blew up past the ceiling (or is nan)."""
+        log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
+        if not float(log_batch.detach()) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
             return False
-        grads = torch.autograd.grad(rel, params)
+        grads = torch.autograd.grad(self.objective(log_batch, log_frame), params)
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
         return True
@@ -76,26 +80,11 @@ class LossBased(Constant):
         self.alpha = self.alpha * self.cfg.r_up if accepted else self.alpha / self.cfg.r_down
 
 
-COMPENSATE = False
-
-
 class Normalized(LossBased):
     """Per-step normalized steps θ ← θ − α ∇ log L_b (η = α / L_b), α adapted per pass as in loss-based."""
 
-    def step(self, model, params, x, y, log_frame: float) -> bool:
-        log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
-        if not float(log_batch.detach()) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
-            return False
-        grads = torch.autograd.grad(log_batch, params)
-        with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
-        return True
-
-    def step_size(self, log_frame: float) -> float:
-        return self.alpha / max(1.0, -log_frame) ** 2 if COMPENSATE else self.alpha
-
-    def lr_log10(self, log_frame: float) -> float:
-        return math.log10(self.step_size(log_frame)) - log_frame / math.log(10)
+    def objective(self, log_batch: torch.Tensor, log_frame: float) -> torch.Tensor:
+        return log_batch
 
 
 def make_schedule(cfg: TrainConfig):

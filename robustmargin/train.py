@@ -232,9 +232,9 @@ class Trainer:
             backup = [p.detach().clone() for p in self.params] if self.schedule.rejects else None
             ok = self.sgd_pass()
             new = self.evaluate_train() if ok else None
-            accepted = ok and (not self.schedule.rejects or new.log_mean < self.log_frame)
-            self.schedule.update(accepted)
-            if not accepted and backup is not None:
+            decreased = ok and new.log_mean < self.log_frame
+            self.schedule.update(decreased)
+            if not decreased and backup is not None:
                 with torch.no_grad():
                     torch._foreach_copy_(self.params, backup)
                 rollbacks += 1
