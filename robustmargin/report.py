@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from robustmargin import figures
 from robustmargin.analysis import (best_distances, check_run_dir, describe, read_csv_checked, read_curves,
                                    read_distances, read_metrics)
+from robustmargin.config import load_config
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
 
@@ -153,22 +149,16 @@ def paper_claims(metrics: pd.DataFrame, tables: dict[str, pd.DataFrame],
 
 # ----------------------------------------------------------------------------- reading
 
-def read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-
-
 def read_runs(run_dir: Path, metrics: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
     """This run and its companions (RUN/companions/NAME/), keyed by a legend label, with their schedules."""
-    schedule = read_toml(run_dir / "config.toml").get("train", {}).get("schedule", "?")
+    schedule = load_config(run_dir / "config.toml").train.schedule
     runs = {f"{schedule} (this run)": (schedule, metrics)}
     folder = run_dir / "companions"
     for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
         if (sub / "config.toml").is_file() and (sub / "metrics.csv").is_file():
-            other = read_toml(sub / "config.toml").get("train", {}).get("schedule", "?")
-            runs[f"{other} ({sub.name})"] = (other, read_metrics(sub))
+            other = load_config(sub / "config.toml").train.schedule
+            label = other if sub.name == other else f"{other} ({sub.name})"
+            runs[label] = (other, read_metrics(sub))
     return runs
 
 
