@@ -7,7 +7,7 @@
     (rolled-back passes included), seconds and normalized margin at the first epoch below each threshold,
     and the paper schedule's normalized margin at the normalized schedule's gradient-evaluation counts.
 
-    python scripts/bench_train.py [--passes 20] [--budget 3] [--out runs/bench-train] [--skip-schedules]
+    python scripts/bench_train.py [--passes 20] [--budget 3] [--seed 0] [--out runs/bench-train] [--skip-schedules]
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def margin_at(metrics: pd.DataFrame, grad_evals: int) -> float:
     return float(before["normalized_margin"].iloc[-1])
 
 
-def run_schedules(out: Path, budget: float) -> dict:
-    base = load_preset("quick")
+def run_schedules(out: Path, budget: float, seed: int) -> dict:
+    base = with_overrides(load_preset("quick"), {"train.seed": seed})
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, max_seconds=math.inf,
                                                                 stop_log10_loss=-120.0))
     result = {}
@@ -116,11 +116,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0,
                         help="paper schedule's gradient-evaluation budget, in multiples of the normalized one's")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-train"))
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both schedule runs")
     parser.add_argument("--skip-schedules", action="store_true")
     args = parser.parse_args()
     report = {"threads": torch.get_num_threads(), "pass": time_passes(args.passes)}
     if not args.skip_schedules:
-        report["schedules"] = run_schedules(args.out, args.budget)
+        report["schedules"] = run_schedules(args.out, args.budget, args.seed)
     print(json.dumps(report, indent=2))
 
 
