@@ -17,14 +17,6 @@ from robustmargin.attacks import run_attack
 D, C, ROW_NORM = 64, 4, 10.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: thread hand-offs cost more than they save, especially on a busy 2-core box
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:

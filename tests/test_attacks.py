@@ -21,13 +21,6 @@ SHORT = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def small_cnn(scale: float = 1.0) -> nn.Module:
     """A bias-free ReLU CNN on 1×12×12 images; `scale` multiplies the logits (homogeneity)."""

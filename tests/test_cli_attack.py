@@ -39,10 +39,6 @@ def attack_command_only(monkeypatch):
     # exercise the real dispatcher, independent of the other commands' modules
     monkeypatch.setattr(cli_main, "COMMANDS", ("attack",))
     monkeypatch.setattr(data, "load_data", cached_load_data)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +46,9 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run directory with two checkpoints of a small bias-free MLP trained briefly on 200 digits."""
     run = tmp_path_factory.mktemp("attack") / "run"
     run.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: extra threads only add hand-off cost
-    try:
-        with pytest.MonkeyPatch.context() as mp:  # module-scoped fixture: no function-scoped monkeypatch
-            mp.setattr(data, "load_data", cached_load_data)
-            _write_run(run)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped fixture: no function-scoped monkeypatch
+        mp.setattr(data, "load_data", cached_load_data)
+        _write_run(run)
     return run
 
 

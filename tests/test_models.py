@@ -18,14 +18,6 @@ from robustmargin.errors import UserError
 from robustmargin.models import HomogeneousNet, ModelSpec, build_model, parameter_norms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors on a busy 2-core machine: threads cost more than they save
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 SIZES = {  # name -> small spec arguments (VGG needs image size 32 for its five pools)
     "cnn": dict(width=0.125, image_size=12, in_channels=1),
