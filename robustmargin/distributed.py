@@ -1,0 +1,84 @@
+"""torch.distributed in one place: the rank and world from torchrun's environment, the backend, the
+deal-out of work units, barriers and all-reduces. A single process (no WORLD_SIZE, or 1) is world size 1,
+and every function here is then a no-op, so stages call them unconditionally."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """The rank, world size and local rank that torchrun put in the environment (1 process without it)."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def init(device: str = "cpu") -> World:
+    """Join the process group when launched by torchrun (nccl for cuda, gloo otherwise) and pick this
+    rank's device: cuda:LOCAL_RANK, or the CPU with the cores shared out so ranks do not oversubscribe."""
+    w = world()
+    if w.size > 1 and not dist.is_initialized():
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(w.local_rank)
+        else:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return w
+
+
+def rank_device(device: str) -> torch.device:
+    """cuda → cuda:LOCAL_RANK under torchrun; anything else unchanged."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and world().size > 1:
+        return torch.device("cuda", world().local_rank)
+    return dev
+
+
+def deal(items: Sequence[T], w: World | None = None) -> list[T]:
+    """This rank's share of `items`: every size-th item from its rank, the same on every launch."""
+    w = w or world()
+    return list(items[w.rank::w.size])
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over ranks; op is sum, max or min."""
+    if active():
+        dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def all_reduce_log_sum_exp(log_values: torch.Tensor) -> torch.Tensor:
+    """log Σ_ranks exp(v) elementwise, in log space: an all-reduce of the max, then of Σ exp(v − max)."""
+    if not active():
+        return log_values
+    top = all_reduce(log_values.detach().clone(), "max")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return safe + torch.log(all_reduce(torch.exp(log_values - safe), "sum"))
