@@ -50,6 +50,9 @@ class Constant:
             torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
         return True
 
+    def begin_pass(self) -> None:
+        pass
+
     def update(self, accepted: bool) -> None:
         pass
 
@@ -83,8 +86,26 @@ class LossBased(Constant):
 class Normalized(LossBased):
     """Per-step normalized steps θ ← θ − α ∇ log L_b (η = α / L_b), α adapted per pass as in loss-based."""
 
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.log_batches: list[torch.Tensor] = []   # log L_b of each step of the current pass
+        self.pass_alpha = self.alpha                 # the α those steps used (update() changes α after)
+
+    def begin_pass(self) -> None:
+        self.log_batches, self.pass_alpha = [], self.alpha
+
     def objective(self, log_batch: torch.Tensor, log_frame: float) -> torch.Tensor:
+        self.log_batches.append(log_batch.detach())
         return log_batch
+
+    def lr_log10(self, log_frame: float) -> float:
+        """log10 of the mean learning rate α / L_b over the steps of the last pass (with the α it used);
+        before any pass, the rate of a batch at the mean loss, α / L̄."""
+        if not self.log_batches:
+            return super().lr_log10(log_frame)
+        neg = -torch.stack(self.log_batches).double()
+        log_mean_inverse = float(torch.logsumexp(neg, 0)) - math.log(len(self.log_batches))
+        return math.log10(self.pass_alpha) + log_mean_inverse / math.log(10)
 
 
 def make_schedule(cfg: TrainConfig):

@@ -83,6 +83,7 @@ class Trainer:
         self.schedule = make_schedule(t)
         self.batches = torch.Generator().manual_seed(t.seed + 1)
         self.epoch, self.grad_evals, self.train_evals, self.seconds, self.passed = 0, 0, 0, 0.0, set()
+        self.rollbacks = 0     # passes rolled back since the last accepted epoch
         self.log_frame = math.nan
 
     # --- state on disk -------------------------------------------------------------------------
@@ -92,22 +93,24 @@ class Trainer:
     def save_state(self) -> None:
         state = {"model": self.model.state_dict(), "epoch": self.epoch, "log_frame": self.log_frame,
                  "grad_evals": self.grad_evals, "train_evals": self.train_evals, "seconds": self.seconds,
-                 "passed": sorted(self.passed), "schedule": self.schedule.state_dict(),
-                 "batches": self.batches.get_state()}
+                 "passed": sorted(self.passed), "rollbacks": self.rollbacks,
+                 "schedule": self.schedule.state_dict(), "batches": self.batches.get_state()}
         atomic_write(self.state_path(), lambda tmp: torch.save(state, tmp))
 
     def load_state(self) -> None:
         try:
-            state = torch.load(self.state_path(), map_location=self.device, weights_only=True)
+            # loaded onto the CPU: the batch-order generator is a CPU generator and takes only a CPU
+            # byte tensor; load_state_dict copies the weights onto the model's own device
+            state = torch.load(self.state_path(), map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
+            self.batches.set_state(state["batches"].cpu())
+            self.epoch, self.log_frame = int(state["epoch"]), float(state["log_frame"])
+            self.grad_evals, self.seconds = int(state["grad_evals"]), float(state["seconds"])
+            self.train_evals, self.rollbacks = int(state["train_evals"]), int(state.get("rollbacks", 0))
+            self.passed = set(state["passed"])
+            self.schedule.load_state_dict(state["schedule"])
         except Exception as err:  # any damage to the file means the same: it cannot be resumed from
             raise UserError(f"cannot resume: {self.state_path()} is corrupt ({type(err).__name__})") from None
-        self.epoch, self.log_frame = int(state["epoch"]), float(state["log_frame"])
-        self.grad_evals, self.seconds = int(state["grad_evals"]), float(state["seconds"])
-        self.train_evals = int(state["train_evals"])
-        self.passed = set(state["passed"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.batches.set_state(state["batches"])
         self.drop_rows_after_state()
 
     def metrics_path(self) -> Path:
@@ -143,6 +146,7 @@ class Trainer:
         """One pass over the training set in random batches; False if a step failed."""
         t = self.cfg.train
         order = torch.randperm(len(self.y), generator=self.batches).to(self.device)
+        self.schedule.begin_pass()
         for start in range(0, len(order), t.batch_size):
             idx = order[start:start + t.batch_size]
             self.grad_evals += 1
@@ -194,9 +198,10 @@ class Trainer:
         record_checkpoint(self.out, self.model, name=name, epoch=self.epoch, log10_loss=log10_loss,
                           threshold_log10=threshold, meta={"config": self.cfg.to_dict()})
 
-    def accept(self, ev: Evaluation, rollbacks: int) -> dict:
+    def accept(self, ev: Evaluation) -> dict:
         self.log_frame = ev.log_mean
-        row = self.metrics_row(ev, rollbacks)
+        row = self.metrics_row(ev, self.rollbacks)
+        self.rollbacks = 0
         self.append_metrics(row)
         for thr in self.thresholds_due(row["log10_loss"]):
             self.checkpoint(threshold_name(thr), row["log10_loss"], thr)
@@ -213,9 +218,9 @@ class Trainer:
         else:  # a fresh start, or a kill before the first state was saved: begin again
             self.metrics_path().unlink(missing_ok=True)
             (self.out / "checkpoints" / "index.csv").unlink(missing_ok=True)
-            self.accept(self.evaluate_train(), 0)
+            self.accept(self.evaluate_train())
         bar = tqdm(total=t.epochs, initial=self.epoch, disable=self.quiet, unit="epoch", dynamic_ncols=True)
-        stop, rollbacks = "epochs", 0
+        stop = "epochs"
         while self.epoch < t.epochs:
             if losses.log10(self.log_frame) < t.stop_log10_loss:
                 stop = "target loss"
@@ -229,15 +234,18 @@ class Trainer:
             if self.schedule.exhausted():
                 stop = "learning-rate floor"
                 break
-            backup = [p.detach().clone() for p in self.params] if self.schedule.rejects else None
+            # every schedule keeps the last accepted state: a rejected or diverged pass returns to it,
+            # so `final` and state.pt always hold parameters whose numbers were recorded
+            backup = [p.detach().clone() for p in self.params]
             ok = self.sgd_pass()
             new = self.evaluate_train() if ok else None
             decreased = ok and new.log_mean < self.log_frame
             self.schedule.update(decreased)
-            if not decreased and backup is not None:
+            if not ok or (self.schedule.rejects and not decreased):
                 with torch.no_grad():
                     torch._foreach_copy_(self.params, backup)
-                rollbacks += 1
+            if self.schedule.rejects and not decreased:
+                self.rollbacks += 1
                 continue
             if not ok:
                 stop = "diverged"
@@ -246,8 +254,7 @@ class Trainer:
             now = time.perf_counter()
             self.seconds += now - start
             start = now
-            row = self.accept(new, rollbacks)
-            rollbacks = 0
+            row = self.accept(new)
             bar.update(1)
             bar.set_postfix_str(f"log10 loss {row['log10_loss']:.1f}  margin {row['normalized_margin']:.3g}"
                                 f"  α {row['alpha']:.2g}  rollbacks {row['rollbacks']}")

@@ -424,3 +424,71 @@ def test_resume_device_may_change_but_cuda_needs_a_device(tmp_path, reference):
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="cuda"):
         train(with_overrides(tiny(epochs=RESUME_EPOCHS), {"train.device": "cuda"}), out, resume=True)
+
+
+# --- defects found in review: each test failed before its fix ---------------------------------------
+
+def test_resume_loads_the_state_on_the_cpu_whatever_the_device(tmp_path, reference):
+    """On CUDA, map_location=device moved the CPU batch-order generator's state too, and set_state takes
+    only a CPU byte tensor. `meta` stands in for a non-CPU device that exists on every machine."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    trainer = train_mod.Trainer(tiny(epochs=RESUME_EPOCHS), out, quiet=True)
+    trainer.device = torch.device("meta")
+    trainer.load_state()
+    saved = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(trainer.batches.get_state(), saved["batches"])
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved["model"][name]), name
+
+
+def test_diverged_constant_run_ends_on_its_last_accepted_state(tmp_path):
+    """A batch past the ceiling mid-pass stops the run; `final` must hold the weights whose loss was recorded."""
+    out = train(tiny("constant", lr=0.5, batch_loss_ceiling=3.0, epochs=60), tmp_path / "run")
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["epoch"].iloc[-1] < 60  # it diverged (the premise of this test)
+    index = pd.read_csv(out / "checkpoints" / "index.csv").set_index("name")
+    model, _ = load_checkpoint(out / "checkpoints" / "final.pt")
+    x, y = load_split(out, "train")
+    ev = train_mod.evaluate(model, x, y, "ce", 1000)
+    assert index.loc["final", "epoch"] == m["epoch"].iloc[-1]
+    assert math.isclose(train_mod.losses.log10(ev.log_mean), index.loc["final", "log10_loss"], rel_tol=1e-12)
+    assert ev.accuracy == m["train_acc"].iloc[-1]
+    # and resuming it continues from that accepted state, not from half a pass
+    state = torch.load(out / "state.pt", weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][name]), name
+
+
+def test_resume_keeps_the_rollback_count(tmp_path, reference):
+    """Stopped by the step budget right after a rejected pass, the resumed run must still count it."""
+    m = pd.read_csv(reference / "metrics.csv")
+    epoch = int(m.loc[m["rollbacks"] > 0, "epoch"].iloc[0])
+    steps = int(m.loc[m["epoch"] == epoch - 1, "grad_evals"].iloc[0]) + PASSES  # one rejected pass in
+    out = tmp_path / "run"
+    train(tiny(epochs=RESUME_EPOCHS, max_steps=steps), out)
+    assert len(rows(out)) == epoch  # stopped between the rejected pass and the accepted one
+    train(tiny(epochs=RESUME_EPOCHS), out, resume=True)
+    assert_same_run(out, reference)
+
+
+def test_normalized_lr_log10_is_the_mean_step_of_the_pass(tmp_path, monkeypatch):
+    """lr_log10 = log10 of the mean of α/L_b over the accepted pass's steps, checked with mpmath."""
+    import mpmath
+
+    from robustmargin import schedules
+    seen = []
+    original = schedules.Normalized.objective
+
+    def recording(self, log_batch, log_frame):
+        seen.append(float(log_batch.detach()))
+        return original(self, log_batch, log_frame)
+
+    monkeypatch.setattr(schedules.Normalized, "objective", recording)
+    cfg = tiny("normalized", epochs=4)
+    m = pd.read_csv(train(cfg, tmp_path / "run") / "metrics.csv")
+    for row in m.iloc[1:].itertuples():
+        steps = seen[row.grad_evals - PASSES:row.grad_evals]  # the accepted pass is the last one
+        alpha_used = mpmath.mpf(row.alpha) / mpmath.mpf(cfg.train.r_up)  # α grew after the pass was accepted
+        mean_rate = alpha_used * mpmath.fsum(mpmath.exp(-mpmath.mpf(v)) for v in steps) / len(steps)
+        assert math.isclose(row.lr_log10, float(mpmath.log10(mean_rate)), rel_tol=1e-12, abs_tol=1e-12)
