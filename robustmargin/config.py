@@ -63,6 +63,8 @@ class TrainConfig:
     stop_log10_loss: float = -math.inf      # stop once the training loss is below 10^this
     max_seconds: float = math.inf           # stop (and save `final`) after this much training time
     max_steps: int = 0                      # stop after this many SGD steps, rolled-back ones included (0: no limit)
+    compile: str = "auto"                   # auto: CUDA-graph the SGD step's forward on CUDA | off
+    metrics_every: int = 1                  # test split, β and support counts every this many epochs
 
 
 @dataclass
@@ -109,13 +111,14 @@ def _check(cfg: Config) -> Config:
     d, m, t = cfg.data, cfg.model, cfg.train
     choices = [("data.name", d.name, DATASETS), ("model.name", m.name, MODELS), ("model.bias", m.bias, BIASES),
                ("model.activation", m.activation, tuple(ACTIVATIONS)), ("train.loss", t.loss, LOSSES),
-               ("train.schedule", t.schedule, SCHEDULES), ("train.device", t.device.split(":")[0], ("cpu", "cuda"))]
+               ("train.schedule", t.schedule, SCHEDULES), ("train.device", t.device.split(":")[0], ("cpu", "cuda")),
+               ("train.compile", t.compile, ("auto", "off"))]
     for key, value, allowed in choices:
         if value not in allowed:
             raise UserError(f"config key {key} = {value!r} is not one of {', '.join(allowed)}")
     finite_positive = [("model.width", m.width), ("train.lr", t.lr), ("train.alpha0", t.alpha0),
                        ("train.lr_floor", t.lr_floor), ("train.batch_size", t.batch_size),
-                       ("train.eval_batch_size", t.eval_batch_size)]
+                       ("train.eval_batch_size", t.eval_batch_size), ("train.metrics_every", t.metrics_every)]
     for key, value in finite_positive:
         if not 0 < value < math.inf:
             raise UserError(f"config key {key} must be positive and finite, got {value}")

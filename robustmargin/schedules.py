@@ -40,15 +40,19 @@ class Constant:
         """What a step descends: R = L_b / F, whose gradient is the true one divided by F."""
         return torch.exp(log_batch - log_frame)
 
-    def step(self, model, params, x, y, log_frame: float) -> bool:
-        """One SGD step on the batch (x, y); False if the batch loss blew up past the ceiling (or is nan)."""
-        log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
-        if not float(log_batch.detach()) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
-            return False
+    def step(self, forward, params, x, y, log_frame: float, ok: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the batch (x, y) while `ok`; returns `ok` and-ed with this batch's ceiling test.
+
+        The test stays on the device (nothing is read back to the host): once a batch loss passes the
+        ceiling, or is nan, this step and every later step of the pass leave the parameters as they are.
+        """
+        log_batch = losses.log_mean(losses.sample_log_losses(forward(x), y, self.cfg.loss))
+        ok = ok & (log_batch.detach() - log_frame <= math.log(self.cfg.batch_loss_ceiling))
         grads = torch.autograd.grad(self.objective(log_batch, log_frame), params)
         with torch.no_grad():
+            grads = [torch.where(ok, g, 0.0) for g in grads]  # where, not a product: 0 · nan is nan
             torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
-        return True
+        return ok
 
     def begin_pass(self) -> None:
         pass

@@ -25,6 +25,7 @@ from robustmargin.schedules import make_schedule
 SUPPORT_DECADES = 7
 BETA_POINTS = 256      # β uses the highest-loss points: exact once fewer lie within e^40 of the max loss
 BETA_LOG_WINDOW = 40.0
+COMPILE_OPTIONS = {"mode": "reduce-overhead", "dynamic": False}
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -61,6 +62,14 @@ def highest_loss_points(ev: Evaluation) -> torch.Tensor:
     return idx[ev.log_losses[idx].argsort(descending=True)[:BETA_POINTS]]
 
 
+def step_forward(model: torch.nn.Module, device: torch.device, setting: str):
+    """The forward pass the SGD steps use: on CUDA with train.compile = "auto", compiled with CUDA graphs
+    (fixed shapes: the last short batch of a pass gets its own graph); elsewhere the model itself."""
+    if setting == "off" or device.type != "cuda":
+        return model
+    return torch.compile(model, **COMPILE_OPTIONS)
+
+
 def threshold_name(t: float) -> str:
     return f"loss_1e{t:g}"
 
@@ -80,6 +89,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(model_spec(cfg)).to(self.device)
         self.params = [p for g in self.model.layer_groups() for p in g]
+        self.forward = step_forward(self.model, self.device, t.compile)
+        self.stop_early = self.device.type == "cpu"   # reading the ceiling flag costs nothing there
         self.schedule = make_schedule(t)
         self.batches = torch.Generator().manual_seed(t.seed + 1)
         self.epoch, self.grad_evals, self.train_evals, self.seconds, self.passed = 0, 0, 0, 0.0, set()
@@ -143,35 +154,46 @@ class Trainer:
 
     # --- one epoch -----------------------------------------------------------------------------
     def sgd_pass(self) -> bool:
-        """One pass over the training set in random batches; False if a step failed."""
+        """One pass over the training set in random batches; False if a batch passed the loss ceiling.
+
+        Data, permutation and the ceiling flag live on the device, and nothing is read back until the
+        pass ends. On the CPU, where a read costs nothing, a failed pass stops at the failing batch; the
+        parameters and the step count are the same either way.
+        """
         t = self.cfg.train
         order = torch.randperm(len(self.y), generator=self.batches).to(self.device)
         self.schedule.begin_pass()
+        ok = torch.ones((), dtype=torch.bool, device=self.device)
+        taken = torch.zeros((), dtype=torch.int64, device=self.device)  # steps tried, the failing one included
         for start in range(0, len(order), t.batch_size):
             idx = order[start:start + t.batch_size]
-            self.grad_evals += 1
-            if not self.schedule.step(self.model, self.params, self.x[idx], self.y[idx], self.log_frame):
-                return False
-        return True
+            taken += ok
+            ok = self.schedule.step(self.forward, self.params, self.x[idx], self.y[idx], self.log_frame, ok)
+            if self.stop_early and not ok:
+                break
+        self.grad_evals += int(taken)
+        return bool(ok)
 
     def evaluate_train(self) -> Evaluation:
         self.train_evals += 1
         t = self.cfg.train
         return evaluate(self.model, self.x, self.y, t.loss, t.eval_batch_size)
 
-    def metrics_row(self, ev: Evaluation, rollbacks: int) -> dict:
+    def metrics_row(self, ev: Evaluation, rollbacks: int, full: bool) -> dict:
+        """The epoch's row. Quantities that need more than the full-set evaluation (test split, β,
+        support counts) only when `full`; otherwise their cells are empty, never a stale value."""
         t, model = self.cfg.train, self.model
         norms = parameter_norms(model)
         rho = math.sqrt(sum(r * r for r in norms))
         scale = rho ** model.order
         q_min = float(ev.margins.min())
         log_sum = float(losses.log_sum(ev.log_losses))
-        beta_idx = highest_loss_points(ev)
-        test = evaluate(model, self.x_test, self.y_test, t.loss, t.eval_batch_size) if len(self.y_test) else None
+        test = evaluate(model, self.x_test, self.y_test, t.loss, t.eval_batch_size) if full and len(self.y_test) else None
+        nan = math.nan if full else None
         row = {
             "epoch": self.epoch, "log10_loss": losses.log10(ev.log_mean), "train_acc": ev.accuracy,
-            "test_acc": test.accuracy if test else math.nan,
-            "test_log10_loss": losses.log10(test.log_mean) if test else math.nan,
+            "test_acc": test.accuracy if test else nan,
+            "test_log10_loss": losses.log10(test.log_mean) if test else nan,
             "q_min": q_min, "rho": rho, "norm_product": margins.norm_product(norms, model.orders),
             "normalized_margin": q_min / scale,
             "normalized_margin_layerwise": margins.layerwise_normalized_margin(q_min, norms, model.orders),
@@ -180,11 +202,16 @@ class Trainer:
             "lr_log10": self.schedule.lr_log10(ev.log_mean),
             "rollbacks": rollbacks, "grad_evals": self.grad_evals,
             "train_evals": self.train_evals, "seconds": round(self.seconds, 3),
-            "beta": gradient_alignment(model, self.x[beta_idx], self.y[beta_idx], t.loss, dtype=torch.float32),
+            "beta": self.beta(ev) if full else None,
         }
         row.update({f"rho_{i + 1}": r for i, r in enumerate(norms)})
-        row.update({f"support_{k + 1}": c for k, c in enumerate(margins.support_counts(ev.margins, SUPPORT_DECADES))})
+        support = margins.support_counts(ev.margins, SUPPORT_DECADES) if full else [None] * SUPPORT_DECADES
+        row.update({f"support_{k + 1}": c for k, c in enumerate(support)})
         return row
+
+    def beta(self, ev: Evaluation) -> float:
+        idx = highest_loss_points(ev)
+        return gradient_alignment(self.model, self.x[idx], self.y[idx], self.cfg.train.loss, dtype=torch.float32)
 
     def thresholds_due(self, log10_loss: float) -> list[float]:
         t = self.cfg.train
@@ -199,11 +226,17 @@ class Trainer:
                           threshold_log10=threshold, meta={"config": self.cfg.to_dict()})
 
     def accept(self, ev: Evaluation) -> dict:
+        t = self.cfg.train
         self.log_frame = ev.log_mean
-        row = self.metrics_row(ev, self.rollbacks)
+        log10_loss = losses.log10(ev.log_mean)
+        due = self.thresholds_due(log10_loss)
+        # every k-th epoch and wherever a threshold checkpoint is saved; never by when the run stops, so
+        # a resumed run writes the same rows as an uninterrupted one
+        full = self.epoch % t.metrics_every == 0 or bool(due)
+        row = self.metrics_row(ev, self.rollbacks, full)
         self.rollbacks = 0
         self.append_metrics(row)
-        for thr in self.thresholds_due(row["log10_loss"]):
+        for thr in due:
             self.checkpoint(threshold_name(thr), row["log10_loss"], thr)
             self.passed.add(thr)
         self.save_state()
@@ -279,7 +312,7 @@ def _check_out(cfg: Config, out: Path, resume: bool) -> None:
     old = load_config(saved).to_dict()
     new = cfg.to_dict()
     # keys that may change when a run is continued: where it runs, where data lies, when it stops
-    free = {"train.epochs", "train.device", "train.max_seconds", "train.max_steps", "train.stop_log10_loss",
+    free = {"train.epochs", "train.device", "train.compile", "train.max_seconds", "train.max_steps", "train.stop_log10_loss",
             "data.root", "data.download"}
     for section in new:
         for key in new[section]:
