@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from robustmargin import losses
+from robustmargin import distributed, losses
 from robustmargin.config import TrainConfig
 
 
@@ -40,15 +40,17 @@ class Constant:
         """What a step descends: R = L_b / F, whose gradient is the true one divided by F."""
         return torch.exp(log_batch - log_frame)
 
-    def step(self, forward, params, x, y, log_frame: float, ok: torch.Tensor) -> torch.Tensor:
-        """One SGD step on the batch (x, y) while `ok`; returns `ok` and-ed with this batch's ceiling test.
+    def step(self, log_batch: torch.Tensor, params, log_frame: float, ok: torch.Tensor) -> torch.Tensor:
+        """One SGD step on a batch whose log mean loss is `log_batch`, while `ok`; returns `ok` and-ed with
+        this batch's ceiling test.
 
         The test stays on the device (nothing is read back to the host): once a batch loss passes the
         ceiling, or is nan, this step and every later step of the pass leave the parameters as they are.
+        Under data parallelism each rank's gradient is its share, and the shares are summed over ranks.
         """
-        log_batch = losses.log_mean(losses.sample_log_losses(forward(x), y, self.cfg.loss))
         ok = ok & (log_batch.detach() - log_frame <= math.log(self.cfg.batch_loss_ceiling))
         grads = torch.autograd.grad(self.objective(log_batch, log_frame), params)
+        grads = distributed.all_reduce_sum_(list(grads))
         with torch.no_grad():
             grads = [torch.where(ok, g, 0.0) for g in grads]  # where, not a product: 0 · nan is nan
             torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))

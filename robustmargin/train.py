@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from robustmargin import losses, margins
+from robustmargin import distributed, losses, margins
 from robustmargin.checkpoints import read_index, record_checkpoint, write_index
 from robustmargin.config import Config, config_from_dict, load_config
 from robustmargin.data import SHAPES, load_data
@@ -76,11 +76,12 @@ def threshold_name(t: float) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, out: Path, *, quiet: bool = False):
-        self.cfg, self.out, self.quiet = cfg, out, quiet
         t = cfg.train
+        self.world = distributed.world()
+        self.cfg, self.out, self.quiet = cfg, out, quiet or not self.world.is_main
         if t.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("train.device is cuda but no CUDA device is available; use --device cpu")
-        self.device = torch.device(t.device)
+        self.device = distributed.rank_device(t.device)
         data = load_data(cfg.data)
         self.x, self.y = (v.to(self.device) for v in data["train"])
         self.x_test, self.y_test = (v.to(self.device) for v in data["test"])
@@ -101,6 +102,7 @@ class Trainer:
     def state_path(self) -> Path:
         return self.out / "state.pt"
 
+    @distributed.on_main
     def save_state(self) -> None:
         state = {"model": self.model.state_dict(), "epoch": self.epoch, "log_frame": self.log_frame,
                  "grad_evals": self.grad_evals, "train_evals": self.train_evals, "seconds": self.seconds,
@@ -124,9 +126,15 @@ class Trainer:
             raise UserError(f"cannot resume: {self.state_path()} is corrupt ({type(err).__name__})") from None
         self.drop_rows_after_state()
 
+    @distributed.on_main
+    def forget_old_records(self) -> None:
+        self.metrics_path().unlink(missing_ok=True)
+        (self.out / "checkpoints" / "index.csv").unlink(missing_ok=True)
+
     def metrics_path(self) -> Path:
         return self.out / "metrics.csv"
 
+    @distributed.on_main
     def drop_rows_after_state(self) -> None:
         """Remove the metrics rows and index entries that a kill left after the last saved state."""
         with open(self.metrics_path(), newline="") as f:
@@ -144,6 +152,7 @@ class Trainer:
         if len(index):
             write_index(self.out, index[index["epoch"] <= self.epoch])
 
+    @distributed.on_main
     def append_metrics(self, row: dict) -> None:
         new = not self.metrics_path().exists()
         with open(self.metrics_path(), "a", newline="") as f:
@@ -168,16 +177,41 @@ class Trainer:
         for start in range(0, len(order), t.batch_size):
             idx = order[start:start + t.batch_size]
             taken += ok
-            ok = self.schedule.step(self.forward, self.params, self.x[idx], self.y[idx], self.log_frame, ok)
+            ok = self.schedule.step(self.batch_log_mean(idx), self.params, self.log_frame, ok)
             if self.stop_early and not ok:
                 break
         self.grad_evals += int(taken)
         return bool(ok)
 
+    def batch_log_mean(self, idx: torch.Tensor) -> torch.Tensor:
+        """log of the mean loss over the global batch `idx`.
+
+        Data-parallel: each rank takes its slice of the batch. The value returned is the global log mean
+        on every rank, combined in log space; its gradient is this rank's share, (∂S_r/∂θ) / S with S_r
+        the rank's loss sum and S the batch's, so the gradients summed over ranks are the global one.
+        """
+        t, w = self.cfg.train, self.world
+        if w.size == 1:
+            return losses.log_mean(losses.sample_log_losses(self.forward(self.x[idx]), self.y[idx], t.loss))
+        mine = idx.tensor_split(w.size)[w.rank]
+        log_sum = losses.log_sum(losses.sample_log_losses(self.forward(self.x[mine]), self.y[mine], t.loss))
+        total = distributed.all_reduce_log_sum_exp(log_sum.detach())
+        share = torch.exp(log_sum - total)
+        return total - math.log(len(idx)) + (share - share.detach())
+
     def evaluate_train(self) -> Evaluation:
+        """Per-sample losses and margins of the whole training set (each rank evaluates its shard, and
+        every rank gets all of them, so every rank takes the same decisions)."""
         self.train_evals += 1
-        t = self.cfg.train
-        return evaluate(self.model, self.x, self.y, t.loss, t.eval_batch_size)
+        t, w = self.cfg.train, self.world
+        if w.size == 1:
+            return evaluate(self.model, self.x, self.y, t.loss, t.eval_batch_size)
+        shards = torch.arange(len(self.y), device=self.device).tensor_split(w.size)
+        mine = shards[w.rank]
+        ev = evaluate(self.model, self.x[mine], self.y[mine], t.loss, t.eval_batch_size)
+        sizes = [len(s) for s in shards]
+        return Evaluation(distributed.all_gather_rows(ev.log_losses, sizes),
+                          distributed.all_gather_rows(ev.margins, sizes))
 
     def metrics_row(self, ev: Evaluation, rollbacks: int, full: bool) -> dict:
         """The epoch's row. Quantities that need more than the full-set evaluation (test split, β,
@@ -221,6 +255,7 @@ class Trainer:
             due |= {-k * j for j in range(1, int(-log10_loss // k) + 1)}
         return sorted(due - self.passed, reverse=True)
 
+    @distributed.on_main
     def checkpoint(self, name: str, log10_loss: float, threshold: float | None) -> None:
         record_checkpoint(self.out, self.model, name=name, epoch=self.epoch, log10_loss=log10_loss,
                           threshold_log10=threshold, meta={"config": self.cfg.to_dict()})
@@ -233,12 +268,12 @@ class Trainer:
         # every k-th epoch and wherever a threshold checkpoint is saved; never by when the run stops, so
         # a resumed run writes the same rows as an uninterrupted one
         full = self.epoch % t.metrics_every == 0 or bool(due)
-        row = self.metrics_row(ev, self.rollbacks, full)
+        row = self.metrics_row(ev, self.rollbacks, full) if self.world.is_main else {}
         self.rollbacks = 0
         self.append_metrics(row)
         for thr in due:
-            self.checkpoint(threshold_name(thr), row["log10_loss"], thr)
-            self.passed.add(thr)
+            self.checkpoint(threshold_name(thr), log10_loss, thr)
+        self.passed.update(due)
         self.save_state()
         return row
 
@@ -249,8 +284,7 @@ class Trainer:
         if resume and self.state_path().exists():
             self.load_state()
         else:  # a fresh start, or a kill before the first state was saved: begin again
-            self.metrics_path().unlink(missing_ok=True)
-            (self.out / "checkpoints" / "index.csv").unlink(missing_ok=True)
+            self.forget_old_records()
             self.accept(self.evaluate_train())
         bar = tqdm(total=t.epochs, initial=self.epoch, disable=self.quiet, unit="epoch", dynamic_ncols=True)
         stop = "epochs"
@@ -258,7 +292,7 @@ class Trainer:
             if losses.log10(self.log_frame) < t.stop_log10_loss:
                 stop = "target loss"
                 break
-            if self.seconds + time.perf_counter() - start >= t.max_seconds:
+            if distributed.agreed_max(self.seconds + time.perf_counter() - start, self.device) >= t.max_seconds:
                 stop = "time budget"
                 break
             if t.max_steps and self.grad_evals >= t.max_steps:
@@ -289,12 +323,14 @@ class Trainer:
             start = now
             row = self.accept(new)
             bar.update(1)
-            bar.set_postfix_str(f"log10 loss {row['log10_loss']:.1f}  margin {row['normalized_margin']:.3g}"
-                                f"  α {row['alpha']:.2g}  rollbacks {row['rollbacks']}")
+            if not self.quiet:  # quiet on every rank but 0, which alone has the row
+                bar.set_postfix_str(f"log10 loss {row['log10_loss']:.1f}  margin {row['normalized_margin']:.3g}"
+                                    f"  α {row['alpha']:.2g}  rollbacks {row['rollbacks']}")
         bar.close()
         self.seconds += time.perf_counter() - start
         self.checkpoint("final", losses.log10(self.log_frame), None)
         self.save_state()
+        distributed.barrier()  # every rank returns once the run's files are complete
         if not self.quiet:
             print(f"stopped ({stop}) after {self.epoch} epochs, {self.seconds:.1f} s: "
                   f"log10 loss {losses.log10(self.log_frame):.2f}; run in {self.out}")
@@ -327,8 +363,12 @@ def train(config: Config | dict, out: str | Path, *, resume: bool = False, quiet
     # a run directory must find its data from anywhere: keep the data root absolute
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve())))
     out = Path(out)
+    distributed.init(cfg.train.device)
     _check_out(cfg, out, resume)
     trainer = Trainer(cfg, out, quiet=quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", cfg.to_toml())
+    distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if trainer.world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.toml", cfg.to_toml())
+    distributed.barrier()
     return trainer.run(resume)
