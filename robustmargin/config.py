@@ -63,6 +63,8 @@ class TrainConfig:
     stop_log10_loss: float = -math.inf      # stop once the training loss is below 10^this
     max_seconds: float = math.inf           # stop (and save `final`) after this much training time
     max_steps: int = 0                      # stop after this many SGD steps, rolled-back ones included (0: no limit)
+    compile: str = "auto"                   # auto: CUDA-graph the SGD step's forward on CUDA | off
+    metrics_every: int = 1                  # test split, β and support counts every this many epochs
 
 
 @dataclass
@@ -109,25 +111,40 @@ def _check(cfg: Config) -> Config:
     d, m, t = cfg.data, cfg.model, cfg.train
     choices = [("data.name", d.name, DATASETS), ("model.name", m.name, MODELS), ("model.bias", m.bias, BIASES),
                ("model.activation", m.activation, tuple(ACTIVATIONS)), ("train.loss", t.loss, LOSSES),
-               ("train.schedule", t.schedule, SCHEDULES), ("train.device", t.device.split(":")[0], ("cpu", "cuda"))]
+               ("train.schedule", t.schedule, SCHEDULES), ("train.device", t.device.split(":")[0], ("cpu", "cuda")),
+               ("train.compile", t.compile, ("auto", "off"))]
     for key, value, allowed in choices:
         if value not in allowed:
             raise UserError(f"config key {key} = {value!r} is not one of {', '.join(allowed)}")
-    positive = [("model.width", m.width), ("train.lr", t.lr), ("train.alpha0", t.alpha0),
-                ("train.lr_floor", t.lr_floor), ("train.batch_loss_ceiling", t.batch_loss_ceiling),
-                ("train.batch_size", t.batch_size), ("train.eval_batch_size", t.eval_batch_size),
-                ("train.max_seconds", t.max_seconds)]
+    finite_positive = [("model.width", m.width), ("train.lr", t.lr), ("train.alpha0", t.alpha0),
+                       ("train.lr_floor", t.lr_floor), ("train.batch_size", t.batch_size),
+                       ("train.eval_batch_size", t.eval_batch_size), ("train.metrics_every", t.metrics_every)]
+    for key, value in finite_positive:
+        if not 0 < value < math.inf:
+            raise UserError(f"config key {key} must be positive and finite, got {value}")
     non_negative = [("data.n_train", d.n_train), ("data.n_test", d.n_test), ("train.epochs", t.epochs),
-                    ("train.max_steps", t.max_steps),
-                    ("train.checkpoint_every_decades", t.checkpoint_every_decades)]
-    for key, value in positive:
-        if not value > 0:
-            raise UserError(f"config key {key} must be positive, got {value}")
+                    ("train.max_steps", t.max_steps)]
     for key, value in non_negative:
         if not value >= 0:
             raise UserError(f"config key {key} must not be negative, got {value}")
-    if not (t.r_up >= 1 and t.r_down > 1):
-        raise UserError(f"config keys train.r_up must be >= 1 and train.r_down > 1, got {t.r_up}, {t.r_down}")
+    ranges = [  # (key, value, allowed, text for the message)
+        ("data.split_seed", d.split_seed, 0 <= d.split_seed < 2 ** 32, "in [0, 2^32)"),
+        ("train.r_up", t.r_up, 1 <= t.r_up < math.inf, "finite and >= 1"),
+        ("train.r_down", t.r_down, 1 < t.r_down < math.inf, "finite and > 1"),
+        ("train.batch_loss_ceiling", t.batch_loss_ceiling, t.batch_loss_ceiling > 1,
+         "> 1 (a multiple of the last full loss)"),
+        ("train.max_seconds", t.max_seconds, t.max_seconds > 0, "positive (inf: no limit)"),
+        ("train.stop_log10_loss", t.stop_log10_loss, t.stop_log10_loss < 0, "a negative log10 loss (-inf: never)"),
+        ("train.checkpoint_every_decades", t.checkpoint_every_decades,
+         t.checkpoint_every_decades == 0 or 0.1 <= t.checkpoint_every_decades < math.inf, "0 (off) or >= 0.1 decades"),
+    ]
+    for key, value, ok, allowed in ranges:
+        if not ok:
+            raise UserError(f"config key {key} must be {allowed}, got {value}")
+    start = ("train.lr", t.lr) if t.schedule == "constant" else ("train.alpha0", t.alpha0)
+    if not t.lr_floor < start[1]:
+        raise UserError(f"config key train.lr_floor must be below {start[0]} (the run would stop at once), "
+                        f"got {t.lr_floor} >= {start[1]}")
     if any(h <= 0 for h in m.hidden):
         raise UserError(f"config key model.hidden must hold positive sizes, got {m.hidden}")
     if any(not x < 0 for x in t.thresholds):

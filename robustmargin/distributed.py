@@ -3,6 +3,7 @@ deal-out of work units, barriers and all-reduces. A single process (no WORLD_SIZ
 and every function here is then a no-op, so stages call them unconditionally."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -82,3 +83,39 @@ def all_reduce_log_sum_exp(log_values: torch.Tensor) -> torch.Tensor:
     top = all_reduce(log_values.detach().clone(), "max")
     safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return safe + torch.log(all_reduce(torch.exp(log_values - safe), "sum"))
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum each tensor over ranks, through one flat buffer (one collective, not one per tensor)."""
+    if not active() or not tensors:
+        return tensors
+    flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def all_gather_rows(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order; `sizes` are the row counts of all ranks (they may differ,
+    so each part is padded to the largest for the collective and trimmed after)."""
+    if not active():
+        return local
+    width = max(sizes)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def on_main(fn):
+    """Run `fn` on rank 0 only (the rank that writes shared files); elsewhere a no-op returning None."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if world().is_main else None
+    return wrapper
+
+
+def agreed_max(value: float, device: torch.device | str = "cpu") -> float:
+    """The largest of every rank's `value`, so that decisions taken from it (a time budget) agree."""
+    if not active():
+        return value
+    return float(all_reduce(torch.tensor(value, dtype=torch.float64, device=device), "max"))

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from robustmargin import losses
+from robustmargin import distributed, losses
 from robustmargin.config import TrainConfig
 
 
@@ -40,15 +40,24 @@ class Constant:
         """What a step descends: R = L_b / F, whose gradient is the true one divided by F."""
         return torch.exp(log_batch - log_frame)
 
-    def step(self, model, params, x, y, log_frame: float) -> bool:
-        """One SGD step on the batch (x, y); False if the batch loss blew up past the ceiling (or is nan)."""
-        log_batch = losses.log_mean(losses.sample_log_losses(model(x), y, self.cfg.loss))
-        if not float(log_batch.detach()) - log_frame <= math.log(self.cfg.batch_loss_ceiling):
-            return False
+    def step(self, log_batch: torch.Tensor, params, log_frame: float, ok: torch.Tensor) -> torch.Tensor:
+        """One SGD step on a batch whose log mean loss is `log_batch`, while `ok`; returns `ok` and-ed with
+        this batch's ceiling test.
+
+        The test stays on the device (nothing is read back to the host): once a batch loss passes the
+        ceiling, or is nan, this step and every later step of the pass leave the parameters as they are.
+        Under data parallelism each rank's gradient is its share, and the shares are summed over ranks.
+        """
+        ok = ok & (log_batch.detach() - log_frame <= math.log(self.cfg.batch_loss_ceiling))
         grads = torch.autograd.grad(self.objective(log_batch, log_frame), params)
+        grads = distributed.all_reduce_sum_(list(grads))
         with torch.no_grad():
+            grads = [torch.where(ok, g, 0.0) for g in grads]  # where, not a product: 0 · nan is nan
             torch._foreach_add_(params, grads, alpha=-self.step_size(log_frame))
-        return True
+        return ok
+
+    def begin_pass(self) -> None:
+        pass
 
     def update(self, accepted: bool) -> None:
         pass
@@ -83,8 +92,26 @@ class LossBased(Constant):
 class Normalized(LossBased):
     """Per-step normalized steps θ ← θ − α ∇ log L_b (η = α / L_b), α adapted per pass as in loss-based."""
 
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.log_batches: list[torch.Tensor] = []   # log L_b of each step of the current pass
+        self.pass_alpha = self.alpha                 # the α those steps used (update() changes α after)
+
+    def begin_pass(self) -> None:
+        self.log_batches, self.pass_alpha = [], self.alpha
+
     def objective(self, log_batch: torch.Tensor, log_frame: float) -> torch.Tensor:
+        self.log_batches.append(log_batch.detach())
         return log_batch
+
+    def lr_log10(self, log_frame: float) -> float:
+        """log10 of the mean learning rate α / L_b over the steps of the last pass (with the α it used);
+        before any pass, the rate of a batch at the mean loss, α / L̄."""
+        if not self.log_batches:
+            return super().lr_log10(log_frame)
+        neg = -torch.stack(self.log_batches).double()
+        log_mean_inverse = float(torch.logsumexp(neg, 0)) - math.log(len(self.log_batches))
+        return math.log10(self.pass_alpha) + log_mean_inverse / math.log(10)
 
 
 def make_schedule(cfg: TrainConfig):

@@ -270,3 +270,28 @@ def test_module_bad_input_exit_code(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+# Values a code review found accepted: each must be refused before any work, naming its key.
+REFUSED = [
+    ("train", "alpha0", "inf"), ("train", "lr", "inf"), ("train", "r_up", "inf"), ("train", "r_down", "inf"),
+    ("train", "stop_log10_loss", "nan"), ("train", "batch_loss_ceiling", "1.0"),
+    ("train", "batch_loss_ceiling", "0.5"), ("train", "lr_floor", "0.1"), ("train", "lr_floor", "1.0"),
+    ("data", "split_seed", "-1"), ("model", "width", "inf"), ("train", "checkpoint_every_decades", "1e-5"),
+]
+
+
+@pytest.mark.parametrize("section,key,value", REFUSED)
+def test_refused_values_exit_2_naming_the_key(tmp_path, capsys, section, key, value):
+    text = TINY.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n")
+    out = tmp_path / "run"
+    assert cli(["train", "--config", write_config(tmp_path, text), "--out", out, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{section}.{key}" in err[0]
+    assert not out.exists()  # refused before any work
+
+
+def test_lr_floor_is_checked_against_the_constant_rate(tmp_path, capsys):
+    text = TINY.replace('schedule = "loss-based"', 'schedule = "constant"\nlr = 0.01\nlr_floor = 0.05')
+    assert cli(["train", "--config", write_config(tmp_path, text), "--out", tmp_path / "run", "--quiet"]) == 2
+    assert "train.lr_floor" in capsys.readouterr().err

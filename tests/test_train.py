@@ -424,3 +424,166 @@ def test_resume_device_may_change_but_cuda_needs_a_device(tmp_path, reference):
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="cuda"):
         train(with_overrides(tiny(epochs=RESUME_EPOCHS), {"train.device": "cuda"}), out, resume=True)
+
+
+# --- defects found in review: each test failed before its fix ---------------------------------------
+
+def test_resume_loads_the_state_on_the_cpu_whatever_the_device(tmp_path, reference):
+    """On CUDA, map_location=device moved the CPU batch-order generator's state too, and set_state takes
+    only a CPU byte tensor. `meta` stands in for a non-CPU device that exists on every machine."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    trainer = train_mod.Trainer(tiny(epochs=RESUME_EPOCHS), out, quiet=True)
+    trainer.device = torch.device("meta")
+    trainer.load_state()
+    saved = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(trainer.batches.get_state(), saved["batches"])
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved["model"][name]), name
+
+
+def test_diverged_constant_run_ends_on_its_last_accepted_state(tmp_path):
+    """A batch past the ceiling mid-pass stops the run; `final` must hold the weights whose loss was recorded."""
+    out = train(tiny("constant", lr=0.5, batch_loss_ceiling=3.0, epochs=60), tmp_path / "run")
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["epoch"].iloc[-1] < 60  # it diverged (the premise of this test)
+    index = pd.read_csv(out / "checkpoints" / "index.csv").set_index("name")
+    model, _ = load_checkpoint(out / "checkpoints" / "final.pt")
+    x, y = load_split(out, "train")
+    ev = train_mod.evaluate(model, x, y, "ce", 1000)
+    assert index.loc["final", "epoch"] == m["epoch"].iloc[-1]
+    assert math.isclose(train_mod.losses.log10(ev.log_mean), index.loc["final", "log10_loss"], rel_tol=1e-12)
+    assert ev.accuracy == m["train_acc"].iloc[-1]
+    # and resuming it continues from that accepted state, not from half a pass
+    state = torch.load(out / "state.pt", weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][name]), name
+
+
+def test_resume_keeps_the_rollback_count(tmp_path, reference):
+    """Stopped by the step budget right after a rejected pass, the resumed run must still count it."""
+    m = pd.read_csv(reference / "metrics.csv")
+    epoch = int(m.loc[m["rollbacks"] > 0, "epoch"].iloc[0])
+    steps = int(m.loc[m["epoch"] == epoch - 1, "grad_evals"].iloc[0]) + PASSES  # one rejected pass in
+    out = tmp_path / "run"
+    train(tiny(epochs=RESUME_EPOCHS, max_steps=steps), out)
+    assert len(rows(out)) == epoch  # stopped between the rejected pass and the accepted one
+    train(tiny(epochs=RESUME_EPOCHS), out, resume=True)
+    assert_same_run(out, reference)
+
+
+def test_normalized_lr_log10_is_the_mean_step_of_the_pass(tmp_path, monkeypatch):
+    """lr_log10 = log10 of the mean of α/L_b over the accepted pass's steps, checked with mpmath."""
+    import mpmath
+
+    from robustmargin import schedules
+    seen = []
+    original = schedules.Normalized.objective
+
+    def recording(self, log_batch, log_frame):
+        seen.append(float(log_batch.detach()))
+        return original(self, log_batch, log_frame)
+
+    monkeypatch.setattr(schedules.Normalized, "objective", recording)
+    cfg = tiny("normalized", epochs=4)
+    m = pd.read_csv(train(cfg, tmp_path / "run") / "metrics.csv")
+    for row in m.iloc[1:].itertuples():
+        steps = seen[row.grad_evals - PASSES:row.grad_evals]  # the accepted pass is the last one
+        alpha_used = mpmath.mpf(row.alpha) / mpmath.mpf(cfg.train.r_up)  # α grew after the pass was accepted
+        mean_rate = alpha_used * mpmath.fsum(mpmath.exp(-mpmath.mpf(v)) for v in steps) / len(steps)
+        assert math.isclose(row.lr_log10, float(mpmath.log10(mean_rate)), rel_tol=1e-12, abs_tol=1e-12)
+
+
+# --- the pass without host reads -------------------------------------------------------------------
+
+def reference_pass(tr) -> bool:
+    """The pass as it was before: the batch loss read back at every step, an early return at the ceiling."""
+    t = tr.cfg.train
+    order = torch.randperm(len(tr.y), generator=tr.batches)
+    for start in range(0, len(order), t.batch_size):
+        idx = order[start:start + t.batch_size]
+        tr.grad_evals += 1
+        log_batch = train_mod.losses.log_mean(train_mod.losses.sample_log_losses(tr.model(tr.x[idx]), tr.y[idx],
+                                                                                 t.loss))
+        if not float(log_batch.detach()) - tr.log_frame <= math.log(t.batch_loss_ceiling):
+            return False
+        grads = torch.autograd.grad(tr.schedule.objective(log_batch, tr.log_frame), tr.params)
+        with torch.no_grad():
+            torch._foreach_add_(tr.params, grads, alpha=-tr.schedule.step_size(tr.log_frame))
+    return True
+
+
+@pytest.mark.parametrize("stop_early", [True, False], ids=["cpu-path", "device-path"])
+@pytest.mark.parametrize("schedule,keys", [("constant", {"lr": 0.5, "batch_loss_ceiling": 1.5, "batch_size": 10}),
+                                           ("loss-based", {}), ("normalized", {"alpha0": 0.5})])
+def test_pass_without_host_reads_equals_the_reference_pass(tmp_path, schedule, keys, stop_early):
+    """Same parameters bit for bit, same step count and decision, including a pass whose k-th batch (k > 1)
+    passes the ceiling; on the device path the steps after it run but change nothing."""
+    cfg = tiny(schedule, **keys)
+    new, ref = (train_mod.Trainer(cfg, tmp_path / name, quiet=True) for name in ("new", "ref"))
+    new.stop_early = stop_early
+    steps_per_pass = math.ceil(N_TRAIN / cfg.train.batch_size)
+    failed_mid_pass = False
+    for _ in range(12):
+        for tr in (new, ref):
+            tr.log_frame = tr.evaluate_train().log_mean
+        before = new.grad_evals
+        ok_new, ok_ref = new.sgd_pass(), reference_pass(ref)
+        assert (ok_new, new.grad_evals) == (ok_ref, ref.grad_evals)
+        for a, b in zip(new.params, ref.params):
+            assert torch.equal(a, b)
+        if not ok_new:
+            failed_mid_pass |= 1 < new.grad_evals - before < steps_per_pass
+            break
+    assert failed_mid_pass == (schedule == "constant")  # the large constant rate fails mid-pass
+
+
+def test_compile_setting_chooses_the_step_forward():
+    model = torch.nn.Linear(2, 2)
+    assert train_mod.step_forward(model, torch.device("cpu"), "auto") is model       # auto: CUDA only
+    assert train_mod.step_forward(model, torch.device("cuda"), "off") is model       # off is honoured
+    assert train_mod.step_forward(model, torch.device("cuda"), "auto") is not model  # compiled (lazily)
+
+
+def test_compiled_step_forward_equals_eager(tmp_path, monkeypatch):
+    """The compiled path, run on the CPU through AOTAutograd without code generation, matches eager within
+    float tolerance over whole passes (the last short batch included: 100 points, batches of 30)."""
+    monkeypatch.setattr(train_mod, "COMPILE_OPTIONS", {"backend": "aot_eager", "dynamic": False})
+    cfg = tiny("normalized", batch_size=30)
+    eager, compiled = (train_mod.Trainer(cfg, tmp_path / name, quiet=True) for name in ("eager", "compiled"))
+    compiled.forward = train_mod.step_forward(compiled.model, torch.device("cuda"), "auto")
+    for _ in range(3):
+        for tr in (eager, compiled):
+            tr.log_frame = tr.evaluate_train().log_mean
+            assert tr.sgd_pass()
+    for a, b in zip(eager.params, compiled.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+EXPENSIVE = ["test_acc", "test_log10_loss", "beta"] + [f"support_{k}" for k in range(1, 8)]
+
+
+def test_metrics_every_k_epochs_leaves_empty_cells_never_stale_ones(tmp_path):
+    every = train(tiny(epochs=RESUME_EPOCHS, metrics_every=3), tmp_path / "every3")
+    full = train(tiny(epochs=RESUME_EPOCHS), tmp_path / "every1")
+    index = pd.read_csv(every / "checkpoints" / "index.csv")
+    threshold_epochs = set(index.loc[index["threshold_log10"].notna(), "epoch"])
+    a, b = without_seconds(rows(every)), without_seconds(rows(full))
+    assert len(a) == len(b) == RESUME_EPOCHS + 1
+    for row_a, row_b in zip(a, b):
+        epoch = int(row_a["epoch"])
+        computed = epoch % 3 == 0 or epoch in threshold_epochs
+        for key in row_b:
+            if key in EXPENSIVE and not computed:
+                assert row_a[key] == "", (epoch, key)
+            else:  # exactly what the every-epoch run wrote
+                assert row_a[key] == row_b[key], (epoch, key)
+    assert any(r["beta"] == "" for r in a)  # the premise: some rows skipped the expensive part
+
+
+def test_metrics_every_k_resumes_identically(tmp_path):
+    ref = train(tiny(epochs=RESUME_EPOCHS, metrics_every=4), tmp_path / "ref")
+    out = tmp_path / "run"
+    train(tiny(epochs=RESUME_EPOCHS // 2, metrics_every=4), out)
+    train(tiny(epochs=RESUME_EPOCHS, metrics_every=4), out, resume=True)
+    assert_same_run(out, ref)
