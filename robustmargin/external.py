@@ -586,7 +586,10 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
     tables = {"table1": pd.DataFrame([row]), "lipschitz": A.lipschitz_table([stats]) if net is not None else
               pd.DataFrame(columns=["checkpoint", "epoch", "layer", "kind", "order", "sigma", "rho",
                                     "sigma_over_rho", "sigma_product", "rho_product"]),
-              "kkt": A.kkt_table([stats]), "margin_vs_robustness": mvr, "margins": A.margins_table([stats])}
+              "kkt": A.kkt_table([stats]) if "train" in splits else pd.DataFrame(
+                  [{"checkpoint": CHECKPOINT, "epoch": 0, "q_min": math.nan, "eps": math.nan, "delta": math.nan,
+                    "k": pd.NA}]).astype({"k": "Int64"}),
+              "margin_vs_robustness": mvr, "margins": A.margins_table([stats])}
     if order is None or net is None:
         tables["margins"]["normalized_margin_layerwise"] = math.nan
     if distances is None:
