@@ -33,10 +33,10 @@ MODELS = textwrap.dedent('''
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(), nn.Linear(32, 10, bias=False))
 
     class Net(nn.Module):
-        def __init__(self):
+        def __init__(self, size=28):
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3, padding=1)
-            self.fc = nn.Linear(4 * 7 * 7, 10, bias=False)
+            self.fc = nn.Linear(4 * (size // 4) ** 2, 10, bias=False)
 
         def forward(self, x):
             x = F.max_pool2d(F.relu(self.conv(x)), 2)
@@ -46,6 +46,10 @@ MODELS = textwrap.dedent('''
     def net():
         torch.manual_seed(1)
         return Net()
+
+    def small_net():
+        torch.manual_seed(1)
+        return Net(size=8)
 
     class Residual(nn.Module):
         def __init__(self):
@@ -96,12 +100,14 @@ def cli(*argv: str) -> int:
 
 
 def test_end_to_end_attack_analyze_report(models, tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "points.npz"
+    np.savez(npz, x=rng.random((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
     out = tmp_path / "run"
-    assert cli("attack", "--model", f"{models}:net", "--data", "mnist5k", "--out", str(out), "--split", "test",
-               *FAST) == 0
+    assert cli("attack", "--model", f"{models}:small_net", "--data", str(npz), "--out", str(out), *FAST) == 0
     config = (out / "config.toml").read_text()
-    assert "[external]" in config and f"{models.resolve()}:net" in config
-    assert external.read_external(out).data == "mnist5k"
+    assert "[external]" in config and f"{models.resolve()}:small_net" in config
+    assert external.read_external(out).data_sha256 == external.file_sha256(npz)
     index = pd.read_csv(out / "checkpoints" / "index.csv")
     assert index["name"].tolist() == ["model"]
     dist = pd.read_csv(out / "robustness" / "distances.csv")
@@ -111,17 +117,17 @@ def test_end_to_end_attack_analyze_report(models, tmp_path):
     assert cli("analyze", "--run", str(out), "--quiet") == 0
     lip = pd.read_csv(out / "tables" / "lipschitz.csv")
     assert lip["kind"].tolist() == ["conv", "linear"]
-    certified = pd.read_csv(out / "robustness" / "certified.csv").query("split == 'test'")
+    certified = pd.read_csv(out / "robustness" / "certified.csv")
     best = dist.groupby("index")["distance"].min()
     radius = certified.set_index("index")["radius"]
     assert (radius <= best.reindex(radius.index) + 1e-6).all() and (radius[best > 0] > 0).all()
     mvr = pd.read_csv(out / "tables" / "margin_vs_robustness.csv")
     assert np.isfinite(mvr["normalized_margin"]).all()  # conv bias in the first layer only: homogeneous, L = 2
-    assert "KKT residuals left out" in (out / "tables" / "notes.txt").read_text()  # random weights: not separated
+    assert "KKT residuals left out: the data has no training split" in (out / "tables" / "notes.txt").read_text()
 
     assert cli("report", "--run", str(out)) == 0
     page = (out / "report.html").read_text()
-    assert "External model" in page and "KKT residuals left out" in page
+    assert "External model" in page and "KKT residuals left out" in page and "Paper claims" not in page
     assert (out / "figures" / "robust_accuracy.png").is_file()
 
 
