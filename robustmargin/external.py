@@ -54,7 +54,7 @@ Split = tuple[torch.Tensor, torch.Tensor]
 @dataclass(frozen=True)
 class ExternalRun:
     model: str            # SPEC ("file.py:factory" or "package.module:factory"), or "<live Class>"
-    weights_sha256: str   # of the weights file given (a live module: of checkpoints/model.pt)
+    weights_sha256: str   # of the --weights file; without one, and for a live module, `state_sha256`
     data: str             # mnist5k | mnist | cifar10, or an .npz path (relative to the run directory)
     data_sha256: str = ""  # .npz only
     data_config: DataConfig | None = None  # named datasets only
@@ -104,6 +104,16 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of a module's state: names, dtypes, shapes and bytes of its tensors, in order."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -273,7 +283,7 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
         load_weights(model, weights)
     model.eval()
     if data in DATASETS:
-        data_config = DataConfig(name=data, root=data_root, download=download)
+        data_config = DataConfig(name=data, root=str(Path(data_root).resolve()), download=download)
         splits_data = load_data(data_config)
         ext_data, data_sha = data, ""
     elif data.endswith(".npz"):
@@ -292,7 +302,7 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
     if n is None:
         n = min(100, *(len(splits_data[s][1]) for s in splits))
     out = Path(out)
-    sha = file_sha256(weights) if weights is not None else ""
+    sha = file_sha256(weights) if weights is not None else state_sha256(model)
     spec = _absolute_spec(spec)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, ExternalRun(model=spec, weights_sha256=sha, data=ext_data, data_sha256=data_sha,
@@ -324,10 +334,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / LIVE_DATA
-    atomic_write(data_file, lambda tmp: np.savez(open(tmp, "wb"), x=x.numpy(), y=y.numpy()))
-    file = _record_model(out, model)
-    _write_config(out, ExternalRun(model=f"<live {type(model).__qualname__}>", weights_sha256=file_sha256(file),
+    if not (data_file.is_file() and _same_data(data_file, x, y)):  # a rerun keeps the file and its SHA-256
+        atomic_write(data_file, lambda tmp: np.savez(open(tmp, "wb"), x=x.numpy(), y=y.numpy()))
+    _write_config(out, ExternalRun(model=f"<live {type(model).__qualname__}>", weights_sha256=state_sha256(model),
                                    data=LIVE_DATA, data_sha256=file_sha256(data_file)))
+    _record_model(out, model)
     with _live(out, model):
         distances, _ = evaluate_run(out, splits=("test",), n=len(x), attacks=attacks, budget=budget, steps=steps,
                                     batch_size=batch_size, device=device, progress=progress)
@@ -338,6 +349,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, out: str | P
             from robustmargin.report import write_report
             write_report(out)
     return distances
+
+
+def _same_data(path: Path, x: torch.Tensor, y: torch.Tensor) -> bool:
+    from robustmargin.data import load_npz
+
+    try:
+        x0, y0 = load_npz(path)
+    except UserError:
+        return False
+    return x0.shape == x.shape and y0.shape == y.shape and torch.equal(x0, x) and torch.equal(y0, y)
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -407,7 +428,7 @@ def trace_chain(model: nn.Module) -> tuple[list[nn.Module] | None, str]:
                 layer = m
             what = type(m).__name__
         elif node.op in ("call_function", "call_method"):
-            if node.target in (torch.relu, F.relu, "relu") and not node.kwargs.get("inplace", False):
+            if node.target in (torch.relu, F.relu, "relu", torch.relu_, "relu_"):
                 layer = nn.ReLU()
             elif _flatten_args(node, head):
                 layer = nn.Flatten()

@@ -197,6 +197,20 @@ def test_traced_bound_equals_the_robustmargin_model():
                        lipschitz.certified_radii(model, x, y, sigmas=theirs))
 
 
+def test_kkt_of_a_traced_module_equals_the_robustmargin_model():
+    from robustmargin.kkt import kkt_residuals
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="cnn", bias="none", width=0.125, image_size=8)).double().eval()
+    x = torch.rand(12, 1, 8, 8, dtype=torch.float64)
+    y = model(x).argmax(1)  # every point correctly classified: the KKT residuals are defined
+    twin = _twin(model)
+    assert external.homogeneity_order(twin, x) == model.order == 4
+    ours = kkt_residuals(model, x, y, k=12)
+    theirs = kkt_residuals(external._Homogeneous(twin, 4), x, y, k=12)
+    assert theirs["eps"] == pytest.approx(ours["eps"], rel=1e-9) and theirs["delta"] == pytest.approx(ours["delta"])
+
+
 def _dense(fn, shape) -> torch.Tensor:
     """The matrix of a linear map on inputs of `shape`, column by column."""
     n = math.prod(shape)
@@ -256,6 +270,11 @@ def test_python_evaluate(tmp_path):
     # the run's data is what was passed in
     xs, ys = data.load_split(tmp_path / "live", "test")
     assert torch.equal(xs, x) and torch.equal(ys, y)
+    again = robustmargin.evaluate(model, x, y, out=tmp_path / "live", attacks="ddn", steps=10, report=False)
+    pd.testing.assert_frame_equal(again, dist)  # the same module and data: the run is resumed, not refused
+    model[1].weight.data.mul_(2)
+    with pytest.raises(UserError, match="different run"):
+        robustmargin.evaluate(model, x, y, out=tmp_path / "live", attacks="ddn", steps=10)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         robustmargin.evaluate(model, 2 * x, y, out=tmp_path / "bad")
     with pytest.raises(UserError, match="logits of shape"):
