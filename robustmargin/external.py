@@ -517,6 +517,7 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
     from robustmargin.data import load_split
     from robustmargin.losses import log_sum, sample_log_losses
     from robustmargin.margins import sample_margins, smoothed_normalized_margin
+    from robustmargin.models import parameter_norms
 
     run_dir = Path(run_dir)
     model = run_model(run_dir).to(device)
@@ -540,13 +541,9 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
                      "(the model is not homogeneous in its parameters).")
 
     sigmas = [float(s) for s in lipschitz.layer_spectral_norms(net)] if net is not None else []
-    certifiable = net is not None
-    if net is not None:
-        try:
-            lipschitz.certified_radii(net, x_probe[:1], data_labels(data)[:1], sigmas=sigmas)
-        except UserError as err:
-            certifiable = False
-            notes.append(f"certified radii left out: {err}.")
+    certifiable = net is not None and isinstance(net.body[-1], nn.Linear)
+    if net is not None and not certifiable:
+        notes.append("certified radii left out: they need a network that ends with its Linear last layer.")
     splits = {}
     for split, (x, y) in data.items():
         logits = A._logits(model, x)
@@ -567,14 +564,10 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
         else:
             kkt_result = kkt.kkt_residuals(_Homogeneous(model, order), *data["train"], k=kkt_k)
             notes.append("KKT residuals are on this run's train split, which need not be the model's training set.")
+    layerwise = net is not None and order is not None and order == sum(net.orders)
     if net is not None:
-        kinds, orders = [r["kind"] for r in lipschitz.layer_table(net, sigmas)], net.orders
-        from robustmargin.models import parameter_norms
-        rhos = parameter_norms(net)
-        if order is not None and order != sum(orders):
-            notes.append(f"layer-wise margins left out: the traced layer orders sum to {sum(orders)}, not L = {order}.")
-            orders = [math.nan] * len(orders)
-    else:
+        kinds, orders, rhos = [r["kind"] for r in lipschitz.layer_table(net, sigmas)], net.orders, parameter_norms(net)
+    else:  # one group: all parameters
         kinds, orders = [], [order or 1]
         rhos = [float(torch.cat([p.detach().double().flatten() for p in model.parameters()]).norm())]
     stats = A.CheckpointStats(name=CHECKPOINT, epoch=0, kinds=kinds, orders=orders, rhos=rhos, sigmas=sigmas,
@@ -584,26 +577,23 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
     if distances is not None and len(certified):
         A.check_certified(certified, distances)
     best = A.best_distances(distances) if distances is not None else None
-    L = order if order is not None else math.nan
-    mvr = A.margin_vs_robustness([stats], best, A.pick_epsilons(best), L)
+    mvr = A.margin_vs_robustness([stats], best, A.pick_epsilons(best), order if order is not None else math.nan)
     if net is None:
         mvr[["spectral_margin", "rho_over_sigma", "median_radius"]] = math.nan
-    if net is None or order is None or any(isinstance(a, float) for a in orders):
+    if not layerwise:
         mvr[["normalized_margin_layerwise", "median_normalized_margin_layerwise"]] = math.nan
-    train = splits.get("train", next(iter(splits.values())))
-    rho = stats.rho
+    if "train" not in splits:
+        notes.append("table1's loss and margins are on the test split: the data has no training split.")
+    train = splits.get("train", splits["test"])
+    q_min = float(train.margins.min())
     row = {"checkpoint": CHECKPOINT, "epoch": 0,
            "log10_loss": (train.log_sum_loss - math.log(len(train.margins))) / math.log(10.0),
-           "normalized_margin": math.nan, "normalized_margin_layerwise": math.nan,
-           "smoothed_normalized_margin": math.nan,
+           "normalized_margin": q_min / stats.rho ** order if order is not None else math.nan,
+           "normalized_margin_layerwise": q_min / stats.rho_product if layerwise else math.nan,
+           "smoothed_normalized_margin": (smoothed_normalized_margin(train.log_sum_loss, "ce", stats.rho ** order)
+                                          if order is not None else math.nan),
            "train_acc": float((splits["train"].margins > 0).mean()) if "train" in splits else math.nan,
-           "test_acc": float((splits["test"].margins > 0).mean()) if "test" in splits else math.nan,
-           "source": "model"}
-    if order is not None:
-        row["normalized_margin"] = float(train.margins.min()) / rho ** order
-        row["smoothed_normalized_margin"] = smoothed_normalized_margin(train.log_sum_loss, "ce", rho ** order)
-        if not mvr["normalized_margin_layerwise"].isna().all():
-            row["normalized_margin_layerwise"] = float(train.margins.min()) / stats.rho_product
+           "test_acc": float((splits["test"].margins > 0).mean()), "source": "model"}
     tables = {"table1": pd.DataFrame([row]), "lipschitz": A.lipschitz_table([stats]) if net is not None else
               pd.DataFrame(columns=["checkpoint", "epoch", "layer", "kind", "order", "sigma", "rho",
                                     "sigma_over_rho", "sigma_product", "rho_product"]),
@@ -611,7 +601,7 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
                   [{"checkpoint": CHECKPOINT, "epoch": 0, "q_min": math.nan, "eps": math.nan, "delta": math.nan,
                     "k": pd.NA}]).astype({"k": "Int64"}),
               "margin_vs_robustness": mvr, "margins": A.margins_table([stats])}
-    if order is None or net is None:
+    if not layerwise:
         tables["margins"]["normalized_margin_layerwise"] = math.nan
     if distances is None:
         notes.append("no robustness/distances.csv: the tables have no attack columns; run `robustmargin attack` first")
@@ -620,10 +610,6 @@ def analyze_external(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 1
         A.write_tables(run_dir, result)
         atomic_write_text(run_dir / NOTES, "".join(f"{n}\n" for n in notes))
     return result
-
-
-def data_labels(data: dict[str, Split]) -> torch.Tensor:
-    return next(iter(data.values()))[1]
 
 
 def read_notes(run_dir: str | Path) -> list[str]:
