@@ -178,7 +178,7 @@ def evaluate_run(
     """
     from tqdm.auto import tqdm
 
-    from robustmargin.checkpoints import load_checkpoint, read_index
+    from robustmargin.checkpoints import read_index
     from robustmargin.data import load_split
 
     run_dir = Path(run_dir)
@@ -223,7 +223,7 @@ def evaluate_run(
                         frame = _read_part(part, start, y[start:start + batch_size].tolist())
                         if frame is None:
                             if model is None:
-                                model, _ = load_checkpoint(run_dir / "checkpoints" / str(row.file))
+                                model = load_run_model(run_dir, row)
                             _attack_batch(model, x, y, start, batch_size, name, options[name], dev, part)
                             frame = pd.read_csv(part)
                         frame.insert(0, "checkpoint", ckpt)
@@ -244,6 +244,16 @@ def evaluate_run(
     atomic_write_csv(out_dir / "curves.csv", curves)
     atomic_write_csv(out_dir / "costs.csv", costs)
     return distances, curves
+
+
+def load_run_model(run_dir: Path, row) -> torch.nn.Module:
+    """The model of one checkpoint-index row: a robustmargin checkpoint, or an evaluated user model."""
+    from robustmargin.checkpoints import load_checkpoint
+    from robustmargin.external import is_external, run_model
+
+    if is_external(run_dir):
+        return run_model(run_dir)
+    return load_checkpoint(run_dir / "checkpoints" / str(row.file))[0]
 
 
 def _read_part(part: Path, start: int, labels: list[int]) -> pd.DataFrame | None:
