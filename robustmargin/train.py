@@ -75,14 +75,16 @@ def threshold_name(t: float) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: Path, *, quiet: bool = False):
+    def __init__(self, cfg: Config, out: Path, *, quiet: bool = False,
+                 data: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`data` ({"train": (x, y), "test": (x, y)}) replaces the configured dataset (benchmarks)."""
         t = cfg.train
         self.world = distributed.world()
         self.cfg, self.out, self.quiet = cfg, out, quiet or not self.world.is_main
         if t.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("train.device is cuda but no CUDA device is available; use --device cpu")
         self.device = distributed.rank_device(t.device)
-        data = load_data(cfg.data)
+        data = load_data(cfg.data) if data is None else data
         self.x, self.y = (v.to(self.device) for v in data["train"])
         self.x_test, self.y_test = (v.to(self.device) for v in data["test"])
         if t.batch_size > len(self.y):
