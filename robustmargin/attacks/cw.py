@@ -13,6 +13,13 @@ One deliberate difference: the abort-early test is applied per sample rather tha
 the batch-summed objective, so a result never depends on which other points share
 its batch; samples that stop are dropped from the batch, which is where most of the
 speed comes from.
+
+Success is the package's criterion (`criterion.is_adversarial`: the argmax, with its
+first-index tie rule, differs from the label) in the best-point bookkeeping and in the
+search over c. The reference's test `max_{j≠y} f_j > f_y + κ` misses ties: where all
+logits are equal (a region where every ReLU is off) argmax names class 0, which the
+reference never counts. With κ > 0 a point must in addition satisfy
+max_{j≠y} f_j - f_y ≥ κ, so κ keeps its meaning of a required logit margin.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.errors import UserError
 
 # The reference shrinks [0,1] slightly before arctanh so that 0 and 1 map to finite w.
@@ -36,6 +44,12 @@ def label_and_best_other(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     true = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))
     return true, others.amax(dim=1)
+
+
+def succeeded(logits: Tensor, labels: Tensor, true: Tensor, other: Tensor, confidence: float) -> Tensor:
+    """The criterion, plus the margin κ = `confidence` when it is positive."""
+    adv = is_adversarial(logits, labels)
+    return adv & (other - true >= confidence) if confidence > 0 else adv
 
 
 def flat_sq_norm(t: Tensor) -> Tensor:
@@ -97,7 +111,7 @@ def carlini_wagner_l2(
 
             with torch.no_grad():
                 # record the evaluated (pre-update) point, as the reference does
-                adv = other > true + confidence
+                adv = succeeded(logits, y[active], true, other, confidence)
                 better = adv & (d2 < best_d2[active])
                 best_d2[active] = torch.where(better, d2, best_d2[active])
                 best_adv[active] = torch.where(batch_view(better, x_adv), x_adv, best_adv[active])

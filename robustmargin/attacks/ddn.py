@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
 from robustmargin.errors import UserError
 
@@ -71,7 +72,7 @@ def ddn(
         (grad,) = torch.autograd.grad(z.sum(), x_adv)
 
         with torch.no_grad():
-            adv = others.amax(dim=1) > true
+            adv = is_adversarial(logits, y)
             norm = delta.flatten(1).norm(dim=1)
             better = adv & (norm < best_norm)
             best_norm = torch.where(better, norm, best_norm)

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
 from robustmargin.attacks.ddn import normalized
 from robustmargin.errors import UserError
@@ -68,12 +69,13 @@ def fmn(
         alpha = _cosine(max_lr, final_lr, i, steps)
         gamma_i = _cosine(gamma, min_gamma, i, steps)
         x_adv = (x + delta).requires_grad_(True)
-        true, other = label_and_best_other(model(x_adv), y)
+        logits = model(x_adv)
+        true, other = label_and_best_other(logits, y)
         diff = true - other
         (grad,) = torch.autograd.grad(diff.sum(), x_adv)
 
         with torch.no_grad():
-            adv = diff < 0
+            adv = is_adversarial(logits, y)
             norm = delta.flatten(1).norm(dim=1)
             better = adv & (norm < best_norm)
             best_norm = torch.where(better, norm, best_norm)

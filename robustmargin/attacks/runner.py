@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import carlini_wagner_l2
 from robustmargin.attacks.ddn import ddn
 from robustmargin.attacks.fmn import fmn
@@ -117,8 +118,10 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, *, batch_size: int) -> Tensor:
-    return torch.cat([model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+def misclassified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int) -> Tensor:
+    """Boolean (N,): the criterion every attack uses, evaluated in batches."""
+    return torch.cat([is_adversarial(model(x[i : i + batch_size]), y[i : i + batch_size])
+                      for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -129,7 +132,7 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, adv: Tensor, *, batch_size: i
     adv = adv.to(device=x.device, dtype=x.dtype)
     flat = adv.flatten(1)
     in_box = torch.isfinite(flat).all(1) & (flat.amin(1) >= -BOX_TOLERANCE) & (flat.amax(1) <= 1 + BOX_TOLERANCE)
-    wrong = predict(model, adv, batch_size=batch_size) != y
+    wrong = misclassified(model, adv, y, batch_size=batch_size)
     ok = in_box & wrong
     dist = (adv.double() - x.double()).flatten(1).norm(dim=1)
     dist = torch.where(ok, dist, torch.full_like(dist, math.inf))
@@ -167,7 +170,7 @@ def run_attack(
     x_dev, y_dev = x.detach().to(dev), y.detach().to(dev)
     counter = CountingModel(model)
 
-    correct = predict(model, x_dev, batch_size=batch_size) == y_dev
+    correct = ~misclassified(model, x_dev, y_dev, batch_size=batch_size)
     distances = torch.zeros(len(x), dtype=torch.float64, device=dev)
     points = x_dev.clone()
     todo = torch.nonzero(correct).flatten()
