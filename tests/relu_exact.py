@@ -188,10 +188,24 @@ def random_relu_net(seed: int, *, inputs: int, hidden: tuple[int, ...] = (8,), c
 def random_problem(seed: int, *, inputs: int, hidden: tuple[int, ...] = (8,), classes: int = 3,
                    points: int = 10) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, np.ndarray]:
     """(net, x, y, exact distances): uniform points in [0,1]^d labelled with the net's own prediction,
-    so every point is correctly classified and has a positive exact distance."""
+    so every point is correctly classified and has a positive exact distance.
+
+    Two kinds of points are skipped, both tied to regions where the net is constant (every unit of a
+    layer off; without output bias all logits are 0 there): points inside such a region (no gradient
+    leads out), and points whose infimum lies on the face of one where the tie goes to the label
+    itself (y = 0): that infimum is not attained, only approached through logits within 1e-6 of a tie.
+    """
     net = random_relu_net(seed, inputs=inputs, hidden=hidden, classes=classes)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.rand(points, inputs, generator=gen)
+    x = torch.rand(20 * points, inputs, generator=gen)
     with torch.no_grad():
-        y = net(x).argmax(1)
-    return net, x, y, exact_min_distances(net, x, y)
+        logits = net(x)
+    live = (logits.amax(1) - logits.amin(1)) > 1e-6
+    x, y = x[live][:2 * points], logits[live][:2 * points].argmax(1)
+    exact, nearest = exact_min_distances(net, x, y, return_points=True)
+    with torch.no_grad():
+        at_nearest = net.double()(torch.from_numpy(nearest))
+    net.float()
+    attained = ((at_nearest.amax(1) - at_nearest.amin(1)) > 1e-6) | (y != 0)
+    keep = torch.nonzero(attained).flatten()[:points]
+    return net, x[keep], y[keep], exact[keep.numpy()]

@@ -225,3 +225,19 @@ def test_every_attack_counts_a_tie_as_adversarial(tie_problem, name, options, to
     assert np.isfinite(d).all(), f"{name} missed points"
     ratio = d / exact
     assert ratio.min() >= 1 - 1e-5 and np.median(ratio) <= 1 + tolerance, ratio
+
+
+def test_budgets_name_each_attacks_settings(batch):
+    from robustmargin.attacks import ENSEMBLES, budget_options
+
+    assert budget_options("ddn", "strong") == {"steps": 100, "restarts": 10}
+    assert budget_options("cw", "strong") == {} == budget_options("cw", "reference")
+    assert budget_options("fmn", "strong", steps=7) == {"steps": 7, "restarts": 10}
+    assert ENSEMBLES["strong"] == ("cw", "ddn", "fmn")
+    with pytest.raises(UserError, match="budget must be one of fast, reference, strong"):
+        budget_options("ddn", "huge")
+    with pytest.raises(UserError, match="restarts must be at least 1"):
+        get_attack("fmn")(small_cnn(), *batch, restarts=0)
+    x, y = batch
+    fast = minimal_distances(small_cnn(), x, y, attack="fmn", budget="fast")
+    assert torch.equal(fast, run_attack(small_cnn(), x, y, "fmn", steps=100).distances)
