@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from robustmargin.attacks.runner import (
+    BUDGETS,
     ENSEMBLE,
-    attack_options,
-    fast_options,
+    budget_options,
     get_attack,
     per_sample_minimum,
     run_attack,
@@ -33,7 +33,6 @@ DEFAULT_POINTS = 101
 DISTANCE_COLUMNS = ["checkpoint", "split", "index", "label", "correct", "attack", "distance"]
 CURVE_COLUMNS = ["checkpoint", "split", "epsilon", "robust_accuracy"]
 COST_COLUMNS = ["checkpoint", "split", "attack", "points", "attacked", "seconds", "forwards", "backwards"]
-BUDGETS = ("fast", "reference")
 SPLITS = ("train", "test")
 
 
@@ -122,9 +121,7 @@ def resolve_attacks(names: Sequence[str] | str) -> list[str]:
 
 
 def _options(name: str, budget: str, steps: int | None) -> dict[str, Any]:
-    if budget == "fast":
-        return fast_options(name, steps=steps)
-    return attack_options(name, {} if steps is None else {"steps": steps})
+    return budget_options(name, budget, steps=steps)
 
 
 def _digest(payload: dict[str, Any]) -> str:

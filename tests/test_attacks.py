@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -168,3 +170,74 @@ def test_bad_names_and_options_are_user_errors(batch):
         attack_options("cw", {"iterations": 3})
     with pytest.raises(UserError, match="per attack"):
         minimal_distances(small_cnn(), x, y, attack=["ddn", "fmn"], steps=3)
+
+
+def tie_region_net() -> nn.Module:
+    """4 inputs, 6 ReLU units with bias, 3 bias-free outputs. Near the origin every unit is off, so
+    all logits are 0 and argmax names class 0; elsewhere class 0 scores -Σh < 0 and never wins.
+    Units 0-2 read inputs 0-1 and vote for class 1, units 3-5 read inputs 2-3 and vote for class 2."""
+    gen = torch.Generator().manual_seed(4)
+    weight = 0.1 * torch.rand(6, 4, generator=gen)
+    weight[:3, :2] += 1.0
+    weight[3:, 2:] += 1.0
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3, bias=False)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(weight)
+        net[0].bias.fill_(-0.6)
+        net[2].weight.copy_(torch.tensor([[-1.0] * 6, [1.0, 1.0, 1.0, 0.3, 0.3, 0.3], [0.3, 0.3, 0.3, 1.0, 1.0, 1.0]]))
+    return net
+
+
+TIE_CASES = [
+    ("cw", {"steps": 300, "binary_search_steps": 5, "initial_const": 0.1, "lr": 0.05}, 0.05),
+    pytest.param("cw", {}, 0.01, marks=pytest.mark.slow, id="cw-reference"),  # ~20 s
+    ("ddn", {"steps": 200}, 0.05),
+    ("fmn", {"steps": 200}, 0.05),
+]
+
+
+@pytest.fixture(scope="module")
+def tie_problem():
+    """Inputs just outside the all-off region of `tie_region_net`, whose nearest adversarial is the tie."""
+    from relu_exact import exact_min_distances
+
+    net = tie_region_net()
+    gen = torch.Generator().manual_seed(5)
+    x = 0.05 * torch.rand(16, 4, generator=gen)
+    x[:8, :2] += 0.3 + 0.15 * torch.rand(8, 2, generator=gen)
+    x[8:, 2:] += 0.3 + 0.15 * torch.rand(8, 2, generator=gen)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    assert torch.equal(y, torch.tensor([1] * 8 + [2] * 8))
+    exact, points = exact_min_distances(net, x, y, return_points=True)
+    with torch.no_grad():
+        at_minimizer = net(torch.tensor(points, dtype=torch.float32))
+    assert bool((at_minimizer.abs().amax(1) < 1e-6).all()), "the tie region should be nearest"
+    return net, x, y, exact
+
+
+@pytest.mark.parametrize("name,options,tolerance", TIE_CASES)
+def test_every_attack_counts_a_tie_as_adversarial(tie_problem, name, options, tolerance):
+    """The reference CW test max_{j≠y} f_j > f_y never holds in a tie (CW found none of these
+    16 points with it); the package's criterion, which the runner verifies with, does."""
+    net, x, y, exact = tie_problem
+    d = run_attack(net, x, y, name, **options).distances.numpy()
+    assert np.isfinite(d).all(), f"{name} missed points"
+    ratio = d / exact
+    assert ratio.min() >= 1 - 1e-5 and np.median(ratio) <= 1 + tolerance, ratio
+
+
+def test_budgets_name_each_attacks_settings(batch):
+    from robustmargin.attacks import ENSEMBLES, budget_options
+
+    assert budget_options("ddn", "strong") == {"steps": 100, "restarts": 10}
+    assert budget_options("cw", "strong") == {} == budget_options("cw", "reference")
+    assert budget_options("fmn", "strong", steps=7) == {"steps": 7, "restarts": 10}
+    assert ENSEMBLES["strong"] == ("cw", "ddn", "fmn")
+    with pytest.raises(UserError, match="budget must be one of fast, reference, strong"):
+        budget_options("ddn", "huge")
+    with pytest.raises(UserError, match="restarts must be at least 1"):
+        get_attack("fmn")(small_cnn(), *batch, restarts=0)
+    x, y = batch
+    fast = minimal_distances(small_cnn(), x, y, attack="fmn", budget="fast")
+    assert torch.equal(fast, run_attack(small_cnn(), x, y, "fmn", steps=100).distances)

@@ -9,9 +9,12 @@ from robustmargin.attacks.ddn import ddn
 from robustmargin.attacks.fmn import fmn
 from robustmargin.attacks.runner import (
     ATTACKS,
+    BUDGETS,
     ENSEMBLE,
+    ENSEMBLES,
     FAST_SETTINGS,
     AttackResult,
+    budget_options,
     get_attack,
     minimal_distances,
     per_sample_minimum,
@@ -20,9 +23,12 @@ from robustmargin.attacks.runner import (
 
 __all__ = [
     "ATTACKS",
+    "BUDGETS",
     "ENSEMBLE",
+    "ENSEMBLES",
     "FAST_SETTINGS",
     "AttackResult",
+    "budget_options",
     "carlini_wagner_l2",
     "ddn",
     "fmn",

@@ -13,6 +13,13 @@ One deliberate difference: the abort-early test is applied per sample rather tha
 the batch-summed objective, so a result never depends on which other points share
 its batch; samples that stop are dropped from the batch, which is where most of the
 speed comes from.
+
+Success is the package's criterion (`criterion.is_adversarial`: the argmax, with its
+first-index tie rule, differs from the label) in the best-point bookkeeping and in the
+search over c. The reference's test `max_{j≠y} f_j > f_y + κ` misses ties: where all
+logits are equal (a region where every ReLU is off) argmax names class 0, which the
+reference never counts. With κ > 0 a point must in addition satisfy
+max_{j≠y} f_j - f_y ≥ κ, so κ keeps its meaning of a required logit margin.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.errors import UserError
 
 # The reference shrinks [0,1] slightly before arctanh so that 0 and 1 map to finite w.
@@ -36,6 +44,12 @@ def label_and_best_other(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     true = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))
     return true, others.amax(dim=1)
+
+
+def succeeded(logits: Tensor, labels: Tensor, true: Tensor, other: Tensor, confidence: float) -> Tensor:
+    """The criterion, plus the margin κ = `confidence` when it is positive."""
+    adv = is_adversarial(logits, labels)
+    return adv & (other - true >= confidence) if confidence > 0 else adv
 
 
 def flat_sq_norm(t: Tensor) -> Tensor:
@@ -72,55 +86,76 @@ def carlini_wagner_l2(
     const = torch.full((n,), initial_const, dtype=torch.float64, device=x.device)
     best_d2 = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
     best_adv = x.clone()
-    check_every = math.ceil(steps / 10)
 
     for round_ in range(binary_search_steps):
         if binary_search_steps >= 10 and round_ == binary_search_steps - 1:
             # reference: with 10+ rounds, the last one retries at the best known const
             const = torch.clamp(upper, max=1e10)
-        found = torch.zeros(n, dtype=torch.bool, device=x.device)
-        modifier = torch.zeros_like(x)
-        adam_m = torch.zeros_like(x)
-        adam_v = torch.zeros_like(x)
-        prev_loss = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-        active = torch.arange(n, device=x.device)
-        const_x = const.to(x.dtype)
-
-        for step in range(steps):
-            mod = modifier[active].requires_grad_(True)
-            x_adv = (torch.tanh(w0[active] + mod) + 1) / 2
-            logits = model(x_adv)
-            true, other = label_and_best_other(logits, y[active])
-            d2 = flat_sq_norm(x_adv - x[active])
-            loss = d2 + const_x[active] * torch.clamp(true - other + confidence, min=0)
-            (grad,) = torch.autograd.grad(loss.sum(), mod)
-
-            with torch.no_grad():
-                # record the evaluated (pre-update) point, as the reference does
-                adv = other > true + confidence
-                better = adv & (d2 < best_d2[active])
-                best_d2[active] = torch.where(better, d2, best_d2[active])
-                best_adv[active] = torch.where(batch_view(better, x_adv), x_adv, best_adv[active])
-                found[active] |= adv
-
-                t = step + 1
-                m = _ADAM_BETAS[0] * adam_m[active] + (1 - _ADAM_BETAS[0]) * grad
-                v = _ADAM_BETAS[1] * adam_v[active] + (1 - _ADAM_BETAS[1]) * grad.square()
-                adam_m[active], adam_v[active] = m, v
-                m_hat = m / (1 - _ADAM_BETAS[0] ** t)
-                v_hat = v / (1 - _ADAM_BETAS[1] ** t)
-                modifier[active] = mod.detach() - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-
-                if abort_early and step % check_every == 0:
-                    loss = loss.detach()
-                    progressing = loss <= 0.9999 * prev_loss[active]
-                    prev_loss[active] = loss
-                    active = active[progressing]
-                    if active.numel() == 0:
-                        break
-
+        found = _optimize(model, x, y, w0, const.to(x.dtype), best_d2, best_adv, steps=steps, lr=lr,
+                          confidence=confidence, check_every=math.ceil(steps / 10) if abort_early else 0)
         upper = torch.where(found, torch.minimum(upper, const), upper)
         lower = torch.where(found, lower, torch.maximum(lower, const))
         const = torch.where(upper < _UPPER_SENTINEL, (lower + upper) / 2, const * 10)
 
     return best_adv
+
+
+def _optimize(model: nn.Module, x: Tensor, y: Tensor, w0: Tensor, const: Tensor, best_d2: Tensor,
+              best_adv: Tensor, *, steps: int, lr: float, confidence: float, check_every: int) -> Tensor:
+    """One round of Adam steps at fixed constants; improves best_d2/best_adv in place; returns found.
+
+    The state of the samples still running lives in compact tensors, re-indexed only when the
+    abort-early test (every `check_every` steps; 0 = never) drops samples. The step itself reads
+    nothing back to the host, so on a GPU the steps between two checks queue without waiting.
+    """
+    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    active = torch.arange(len(x), device=x.device)
+    state = {
+        "w0": w0, "x": x, "y": y, "const": const, "found": found.clone(),
+        "best_d2": best_d2.clone(), "best_adv": best_adv.clone(),
+        "modifier": torch.zeros_like(x), "m": torch.zeros_like(x), "v": torch.zeros_like(x),
+        "prev_loss": torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device),
+    }
+
+    def write_back() -> None:
+        best_d2[active], best_adv[active], found[active] = state["best_d2"], state["best_adv"], state["found"]
+
+    for step in range(steps):
+        s = state
+        mod = s["modifier"].requires_grad_(True)
+        x_adv = (torch.tanh(s["w0"] + mod) + 1) / 2
+        logits = model(x_adv)
+        true, other = label_and_best_other(logits, s["y"])
+        d2 = flat_sq_norm(x_adv - s["x"])
+        loss = d2 + s["const"] * torch.clamp(true - other + confidence, min=0)
+        (grad,) = torch.autograd.grad(loss.sum(), mod)
+
+        with torch.no_grad():
+            # record the evaluated (pre-update) point, as the reference does
+            adv = succeeded(logits, s["y"], true, other, confidence)
+            better = adv & (d2 < s["best_d2"])
+            s["best_d2"] = torch.where(better, d2, s["best_d2"])
+            s["best_adv"] = torch.where(batch_view(better, x_adv), x_adv, s["best_adv"])
+            s["found"] = s["found"] | adv
+
+            t = step + 1
+            s["m"] = _ADAM_BETAS[0] * s["m"] + (1 - _ADAM_BETAS[0]) * grad
+            s["v"] = _ADAM_BETAS[1] * s["v"] + (1 - _ADAM_BETAS[1]) * grad.square()
+            m_hat = s["m"] / (1 - _ADAM_BETAS[0] ** t)
+            v_hat = s["v"] / (1 - _ADAM_BETAS[1] ** t)
+            s["modifier"] = mod.detach() - lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+
+            if check_every and step % check_every == 0:
+                loss = loss.detach()
+                progressing = loss <= 0.9999 * s["prev_loss"]
+                s["prev_loss"] = loss
+                if not bool(progressing.all()):  # the round's only host reads
+                    write_back()
+                    keep = torch.nonzero(progressing).flatten()
+                    active = active[keep]
+                    if active.numel() == 0:
+                        return found
+                    state = {key: value[keep] for key, value in s.items()}
+
+    write_back()
+    return found

@@ -12,7 +12,8 @@ points and grows by (1+γ) otherwise. α and γ are cosine-annealed; the smalles
 adversarial perturbation seen is kept. Two additions of ours, both for points on the
 box edge or near-linear models (MNIST backgrounds are exactly 0): the gradient is
 restricted to directions that stay in the box, and the pre-success boundary estimate
-carries a small overshoot.
+carries a small overshoot. `restarts` and `seed` work as in DDN (see ddn.py): further
+runs start at random points on the sphere through the best point found so far.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
-from robustmargin.attacks.ddn import normalized
+from robustmargin.attacks.ddn import normalized, with_restarts
 from robustmargin.errors import UserError
 
 
@@ -41,6 +43,7 @@ def fmn(
     gamma: float = 0.05,
     min_gamma: float = 0.001,
     overshoot: float = 0.02,
+    restarts: int = 1,
     seed: int = 0,
 ) -> Tensor:
     """Untargeted FMN-L2; returns adversarials (the original input where none was found).
@@ -52,14 +55,24 @@ def fmn(
     """
     if steps < 1:
         raise UserError("steps must be at least 1")
-    final_lr = max_lr / 100 if min_lr is None else min_lr
     x = inputs.detach()
     y = labels.detach().to(x.device)
+    options = dict(steps=steps, max_lr=max_lr, final_lr=max_lr / 100 if min_lr is None else min_lr,
+                   gamma=gamma, min_gamma=min_gamma, overshoot=overshoot)
+
+    def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return _fmn_run(model, x, y, delta, generator=generator, **options)
+
+    return with_restarts(run, x, restarts=restarts, seed=seed)
+
+
+def _fmn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator: torch.Generator, steps: int,
+             max_lr: float, final_lr: float, gamma: float, min_gamma: float,
+             overshoot: float) -> tuple[Tensor, Tensor]:
+    """One FMN run from the perturbation `delta`; returns (best norms, best points), inf/x where none."""
     n = x.shape[0]
-    generator = torch.Generator().manual_seed(seed)
     worst = torch.maximum(x, 1 - x).flatten(1).norm(dim=1)
     eps = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-    delta = torch.zeros_like(x)
     best_norm = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
     best_adv = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -68,12 +81,13 @@ def fmn(
         alpha = _cosine(max_lr, final_lr, i, steps)
         gamma_i = _cosine(gamma, min_gamma, i, steps)
         x_adv = (x + delta).requires_grad_(True)
-        true, other = label_and_best_other(model(x_adv), y)
+        logits = model(x_adv)
+        true, other = label_and_best_other(logits, y)
         diff = true - other
         (grad,) = torch.autograd.grad(diff.sum(), x_adv)
 
         with torch.no_grad():
-            adv = diff < 0
+            adv = is_adversarial(logits, y)
             norm = delta.flatten(1).norm(dim=1)
             better = adv & (norm < best_norm)
             best_norm = torch.where(better, norm, best_norm)
@@ -98,4 +112,4 @@ def fmn(
             scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1)
             delta = (x + delta * batch_view(scale, x)).clamp(0, 1) - x
 
-    return best_adv
+    return best_norm, best_adv

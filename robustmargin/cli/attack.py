@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from robustmargin.attacks.runner import ATTACKS, ENSEMBLE
+from robustmargin.attacks.runner import ATTACKS, BUDGETS, ENSEMBLE
 from robustmargin.errors import UserError
 from robustmargin.robustness import evaluate_run
 
@@ -33,9 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attacks", default=",".join(ENSEMBLE),
                    help=f"comma list of {', '.join(ATTACKS)} or 'ensemble' (default {','.join(ENSEMBLE)})")
     p.add_argument("--checkpoints", default="all", help="all (default) or a comma list of checkpoint names")
-    p.add_argument("--budget", choices=("fast", "reference"), default="fast",
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="fast",
                    help="fast (default): short tuned budgets; reference: each attack's reference settings "
-                        "(CW 9x10000 steps)")
+                        "(CW 9x10000 steps); strong: reference CW, DDN and FMN with 10 restarts each")
     p.add_argument("--steps", type=int, help="override the step count of every attack")
     p.add_argument("--batch-size", type=int, default=100, help="points per attack batch (default 100)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
