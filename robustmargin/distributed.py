@@ -3,9 +3,10 @@ deal-out of work units, barriers and all-reduces. A single process (no WORLD_SIZ
 and every function here is then a no-op, so stages call them unconditionally."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,19 @@ def init(device: str = "cpu") -> World:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         dist.init_process_group("nccl" if cuda else "gloo")
     return w
+
+
+@contextlib.contextmanager
+def group(device: str = "cpu") -> Iterator[World]:
+    """`init(device)` for the length of a block; a process group created here is destroyed after it,
+    one that already existed is left as it was."""
+    created = world().size > 1 and not dist.is_initialized()
+    w = init(device)
+    try:
+        yield w
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_device(device: str) -> torch.device:
