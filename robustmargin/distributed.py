@@ -31,6 +31,11 @@ def world() -> World:
     return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which taskset and cgroups narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def init(device: str = "cpu") -> World:
     """Join the process group when launched by torchrun (nccl for cuda, gloo otherwise) and pick this
     rank's device: cuda:LOCAL_RANK, or the CPU with the cores shared out so ranks do not oversubscribe."""
@@ -41,7 +46,7 @@ def init(device: str = "cpu") -> World:
             torch.cuda.set_device(w.local_rank)
         else:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(max(1, cores() // local))
         dist.init_process_group("nccl" if cuda else "gloo")
     return w
 
@@ -67,10 +72,16 @@ def rank_device(device: str) -> torch.device:
     return dev
 
 
-def deal(items: Sequence[T], w: World | None = None) -> list[T]:
-    """This rank's share of `items`: every size-th item from its rank, the same on every launch."""
+def deal(items: Sequence[T], w: World | None = None, *, snake: bool = False) -> list[T]:
+    """This rank's share of `items`: every size-th item from its rank, the same on every launch.
+    With `snake`, every other round goes backwards (ranks 0 1 1 0 0 1 …), so that when the cost of the
+    items drifts along the list (later batches of a group, a more accurate checkpoint) no rank always
+    takes the first, larger item of each round."""
     w = w or world()
-    return list(items[w.rank::w.size])
+    if not snake:
+        return list(items[w.rank::w.size])
+    return [item for i, item in enumerate(items)
+            if (i % w.size if (i // w.size) % 2 == 0 else w.size - 1 - i % w.size) == w.rank]
 
 
 def active() -> bool:

@@ -338,7 +338,7 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
         _record_request(run_dir, settings, [(u.checkpoint, u.split) for u in units])
     if w.size > 1:
         distributed.barrier()
-    mine = distributed.deal(todo, w)
+    mine = distributed.deal(todo, w, snake=True)
     loaded: tuple[str, torch.nn.Module] | None = None
     with tqdm(total=sum(u.size for u in mine), desc="attack", unit="point",
               disable=not (progress and w.is_main), leave=False) as bar:
