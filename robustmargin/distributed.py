@@ -38,16 +38,18 @@ def cores() -> int:
 
 def init(device: str = "cpu") -> World:
     """Join the process group when launched by torchrun (nccl for cuda, gloo otherwise) and pick this
-    rank's device: cuda:LOCAL_RANK, or the CPU with the cores shared out so ranks do not oversubscribe."""
+    rank's device: cuda:LOCAL_RANK, or the CPU with the cores shared out so ranks do not oversubscribe.
+    More ranks than GPUs on a node share them round-robin; NCCL cannot put two ranks on one GPU, so the
+    group then uses gloo (which also reduces CUDA tensors)."""
     w = world()
     if w.size > 1 and not dist.is_initialized():
         cuda = str(device).startswith("cuda")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
         if cuda:
-            torch.cuda.set_device(w.local_rank)
+            torch.cuda.set_device(rank_device("cuda"))
         else:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
             torch.set_num_threads(max(1, cores() // local))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda and local <= torch.cuda.device_count() else "gloo")
     return w
 
 
@@ -65,10 +67,10 @@ def group(device: str = "cpu") -> Iterator[World]:
 
 
 def rank_device(device: str) -> torch.device:
-    """cuda → cuda:LOCAL_RANK under torchrun; anything else unchanged."""
+    """cuda → cuda:LOCAL_RANK under torchrun (modulo the GPUs there are); anything else unchanged."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and world().size > 1:
-        return torch.device("cuda", world().local_rank)
+        return torch.device("cuda", world().local_rank % max(1, torch.cuda.device_count()))
     return dev
 
 

@@ -109,7 +109,7 @@ def ensemble_distances(distances_by_attack: Iterable[Tensor]) -> Tensor:
 
 # --------------------------------------------------------------------------- the attack stage
 #
-# Storage: every finished batch is one part file, robustness/parts/CKPT/SPLIT/ATTACK-KEY/batch-START.csv,
+# Storage: every finished batch is one part file, robustness/parts/CKPT/SPLIT/ATTACK-KEY/batch-START-SIZE.csv,
 # where KEY names the attack's options, the batch size and the checkpoint's identity (file, epoch, loss),
 # so a retrained checkpoint never reuses old parts. The merged files are views over the parts:
 # for every settings set (points, attacks and their options, batch size; see `AttackSettings`)
@@ -226,12 +226,12 @@ def _units(index: pd.DataFrame, splits: Sequence[str], settings: AttackSettings)
 
 
 def part_path(run_dir: Path, unit: Unit, settings: AttackSettings) -> Path:
-    # the points are not in the key: batches cover fixed index ranges, so a larger --n reuses them
+    # the points are not in the key: batches cover fixed index ranges, so a larger --n reuses the full ones
     key = _digest({"attack": unit.attack, "options": settings.options[unit.attack],
                    "batch_size": settings.batch_size, "file": unit.file, "epoch": unit.epoch,
                    "log10_loss": unit.log10_loss})
     return (run_dir / "robustness" / "parts" / unit.checkpoint / unit.split / f"{unit.attack}-{key}"
-            / f"batch-{unit.start:06d}.csv")
+            / f"batch-{unit.start:06d}-{unit.size}.csv")
 
 
 def _read_part(part: Path, start: int, labels: list[int]) -> pd.DataFrame | None:
@@ -453,24 +453,28 @@ def merge_results(run_dir: str | Path, settings: AttackSettings, *, labels: dict
             except (KeyError, TypeError, ValueError):
                 continue
     for sid, s in recorded.items():
-        texts = _result_texts(collect(run_dir, s, labels=labels, index=index), s, settings_dir(run_dir, sid))
+        texts = _result_texts(collect(run_dir, s, labels=labels, index=index), s, settings_dir(run_dir, sid), index)
         for name, text in texts.items():
             _write_text_if_changed(settings_dir(run_dir, sid) / name, text)
             if sid == settings.id:
                 _write_text_if_changed(out_dir / name, text)
 
 
-def _result_texts(parts: pd.DataFrame, settings: AttackSettings, folder: Path) -> dict[str, str]:
+def _result_texts(parts: pd.DataFrame, settings: AttackSettings, folder: Path, index: pd.DataFrame
+                  ) -> dict[str, str]:
     distances = parts[DISTANCE_COLUMNS].copy()
     distances["correct"] = distances["correct"].astype(int)
     costs = (parts.groupby(["checkpoint", "split", "attack"], sort=False)
              .agg(points=("index", "size"), attacked=("correct", "sum"), seconds=("seconds", "sum"),
                   forwards=("forwards", "sum"), backwards=("backwards", "sum"))
              .reset_index()[COST_COLUMNS])
-    units = distances[["checkpoint", "split"]].drop_duplicates()
+    # each merged (checkpoint, split) with the checkpoint's identity, so that `status` sees a retrained one
+    rows = {str(r.name): r for r in index.itertuples(index=False)}
+    units = distances[["checkpoint", "split"]].drop_duplicates().itertuples(index=False)
     record = _read_json(folder / SETTINGS_FILE) or {}
     results = {**settings.as_dict(), "requested": record.get("requested", []),
-               "results": [[c, s] for c, s in units.itertuples(index=False)]}
+               "results": [{"checkpoint": c, "split": s, "epoch": int(rows[c].epoch),
+                            "log10_loss": float(rows[c].log10_loss), "file": str(rows[c].file)} for c, s in units]}
     return {"distances.csv": _csv_text(distances), "curves.csv": _csv_text(curves_frame(distances)),
             "costs.csv": _csv_text(costs), "points.csv": _csv_text(point_summary(distances)),
             SETTINGS_FILE: json.dumps(results, indent=1) + "\n"}
