@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -120,7 +120,6 @@ def ensemble_distances(distances_by_attack: Iterable[Tensor]) -> Tensor:
 
 SETTINGS_FILE = "settings.json"
 POINT_COLUMNS = ["checkpoint", "split", "index", "label", "correct", "distance", "best_attack", "spread"]
-RESULT_FILES = ("distances.csv", "curves.csv", "costs.csv", "points.csv")
 
 
 def resolve_attacks(names: Sequence[str] | str) -> list[str]:
@@ -158,7 +157,7 @@ class AttackSettings:
     budget: str
     steps: int | None
     batch_size: int
-    options: dict[str, dict[str, Any]] = field(compare=False, hash=False)
+    options: dict[str, dict[str, Any]]  # per attack, as the attack functions take them
 
     @classmethod
     def make(cls, *, points: int, attacks: Sequence[str] | str, budget: str, steps: int | None,
@@ -218,7 +217,7 @@ class Unit:
     size: int
 
 
-def _units(index: pd.DataFrame, splits: Sequence[str], settings: AttackSettings) -> list[Unit]:
+def work_units(index: pd.DataFrame, splits: Sequence[str], settings: AttackSettings) -> list[Unit]:
     """Every unit, in the order of a single-process run: checkpoint, split, attack, batch."""
     return [Unit(str(r.name), str(r.file), int(r.epoch), float(r.log10_loss), split, attack, start, size)
             for r in index.itertuples(index=False) for split in splits for attack in settings.attacks
@@ -235,8 +234,8 @@ def part_path(run_dir: Path, unit: Unit, settings: AttackSettings) -> Path:
 
 
 def _read_part(part: Path, start: int, labels: list[int]) -> pd.DataFrame | None:
-    """A finished batch holding exactly these points, or None if it must be (re)done (missing,
-    a shorter last batch left by a smaller --n, or labels that no longer match the data)."""
+    """A finished batch holding exactly these points, or None if it must be (re)done (missing, or
+    labels that no longer match the data)."""
     if not part.is_file():
         return None
     frame = pd.read_csv(part)
@@ -330,7 +329,7 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
     data = {s: (x[:settings.points], y[:settings.points]) for s, (x, y) in data.items()}
     labels = {s: y.tolist() for s, (_, y) in data.items()}
 
-    units = _units(chosen, splits, settings)
+    units = work_units(chosen, splits, settings)
     # every rank lists what is missing before any rank writes, so all deal the same list
     todo = [u for u in units if _read_part(part_path(run_dir, u, settings), u.start,
                                            labels[u.split][u.start:u.start + u.size]) is None]
@@ -386,7 +385,7 @@ def settings_dir(run_dir: str | Path, settings_id: str) -> Path:
     return Path(run_dir) / "robustness" / "settings" / settings_id
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
@@ -397,10 +396,11 @@ def _record_request(run_dir: Path, settings: AttackSettings, requested: list[tup
     """Add the (checkpoint, split) pairs asked for to the set's record, before any work: `status` can then
     tell a finished set from one that a kill left partial."""
     path = settings_dir(run_dir, settings.id) / SETTINGS_FILE
-    record = _read_json(path) or {**settings.as_dict(), "requested": [], "results": []}
-    wanted = [list(p) for p in dict.fromkeys(map(tuple, record["requested"] + [list(p) for p in requested]))]
+    record = read_record(path) or {**settings.as_dict(), "requested": [], "results": []}
+    pairs = [(r["checkpoint"], r["split"]) for r in record["requested"]]
+    wanted = [{"checkpoint": c, "split": s} for c, s in dict.fromkeys(pairs + requested)]
     if wanted != record["requested"]:
-        _write_text_if_changed(path, json.dumps({**record, "requested": wanted}, indent=1) + "\n")
+        atomic_write_text(path, json.dumps({**record, "requested": wanted}, indent=1) + "\n")
 
 
 def _write_text_if_changed(path: Path, text: str) -> None:
@@ -423,7 +423,7 @@ def collect(run_dir: str | Path, settings: AttackSettings, *, labels: dict[str, 
             if split not in labels or len(labels[split]) < settings.points:
                 continue
             group = []
-            for u in _units(index[index["name"] == r.name], [split], settings):
+            for u in work_units(index[index["name"] == r.name], [split], settings):
                 frame = _read_part(part_path(run_dir, u, settings), u.start,
                                    labels[split][u.start:u.start + u.size])
                 if frame is None:
@@ -446,7 +446,7 @@ def merge_results(run_dir: str | Path, settings: AttackSettings, *, labels: dict
     out_dir = run_dir / "robustness"
     recorded = {settings.id: settings}
     for path in sorted((out_dir / "settings").glob(f"*/{SETTINGS_FILE}")):
-        record = _read_json(path)
+        record = read_record(path)
         if record is not None and record.get("id") == path.parent.name:
             try:
                 recorded.setdefault(record["id"], AttackSettings.from_dict(record))
@@ -471,7 +471,7 @@ def _result_texts(parts: pd.DataFrame, settings: AttackSettings, folder: Path, i
     # each merged (checkpoint, split) with the checkpoint's identity, so that `status` sees a retrained one
     rows = {str(r.name): r for r in index.itertuples(index=False)}
     units = distances[["checkpoint", "split"]].drop_duplicates().itertuples(index=False)
-    record = _read_json(folder / SETTINGS_FILE) or {}
+    record = read_record(folder / SETTINGS_FILE) or {}
     results = {**settings.as_dict(), "requested": record.get("requested", []),
                "results": [{"checkpoint": c, "split": s, "epoch": int(rows[c].epoch),
                             "log10_loss": float(rows[c].log10_loss), "file": str(rows[c].file)} for c, s in units]}

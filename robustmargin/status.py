@@ -14,7 +14,7 @@ import pandas as pd
 
 from robustmargin.checkpoints import INDEX_COLUMNS
 from robustmargin.errors import UserError
-from robustmargin.robustness import SETTINGS_FILE, AttackSettings, _read_json, _units, part_path
+from robustmargin.robustness import SETTINGS_FILE, AttackSettings, part_path, read_record, work_units
 
 STAGES = ("train", "attack", "analyze", "report")
 
@@ -97,38 +97,41 @@ def attack_sets(run_dir: Path, index: pd.DataFrame | None) -> list[dict[str, Any
     """Every settings set recorded under robustness/settings/, the current one (robustness/settings.json)
     first, each with its state against the checkpoints now in the index."""
     folder = run_dir / "robustness" / "settings"
-    current = _read_json(run_dir / "robustness" / SETTINGS_FILE)
-    records = [r for r in (_read_json(p) for p in sorted(folder.glob(f"*/{SETTINGS_FILE}"),
+    current = read_record(run_dir / "robustness" / SETTINGS_FILE)
+    records = [r for r in (read_record(p) for p in sorted(folder.glob(f"*/{SETTINGS_FILE}"),
                                                          key=lambda p: p.stat().st_mtime, reverse=True))
                if r is not None and "id" in r]
     current_id = current["id"] if current else (records[0]["id"] if records else None)
     records.sort(key=lambda r: r["id"] != current_id)
-    return [_set_state(run_dir, r, index, current=r["id"] == current_id) for r in records]
+    sets = []
+    for record in records:
+        out = {k: record.get(k) for k in ("id", "points", "attacks", "budget", "steps", "batch_size")}
+        out["current"] = record["id"] == current_id
+        try:
+            sets.append({**out, **_set_state(run_dir, record, index)})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            sets.append({**out, "state": "partial", "detail": "its settings.json is damaged; rerun attack"})
+    return sets
 
 
-def _set_state(run_dir: Path, record: dict[str, Any], index: pd.DataFrame | None, *, current: bool
-               ) -> dict[str, Any]:
-    out = {k: record.get(k) for k in ("id", "points", "attacks", "budget", "steps", "batch_size")}
-    out["current"] = current
-    try:
-        settings = AttackSettings.from_dict(record)
-    except (KeyError, TypeError, ValueError):
-        return {**out, "state": "partial", "detail": "settings.json is damaged; rerun attack"}
+def _set_state(run_dir: Path, record: dict[str, Any], index: pd.DataFrame | None) -> dict[str, Any]:
+    """The state of one settings set: stale if a checkpoint it merged has changed (retrained, removed),
+    partial if batches asked for are missing or finished ones were not merged, else done."""
+    settings = AttackSettings.from_dict(record)
     rows = {} if index is None else {str(r.name): r for r in index.itertuples(index=False)}
+    now = {name: (int(r.epoch), float(r.log10_loss), str(r.file)) for name, r in rows.items()}
     stale = [r["checkpoint"] for r in record.get("results", [])
-             if r["checkpoint"] not in rows or (int(rows[r["checkpoint"]].epoch), float(rows[r["checkpoint"]].log10_loss),
-                                                str(rows[r["checkpoint"]].file)) != (r["epoch"], r["log10_loss"], r["file"])]
-    wanted = [(c, s) for c, s in record.get("requested", []) if c in rows]
+             if now.get(r["checkpoint"]) != (r["epoch"], r["log10_loss"], r["file"])]
+    wanted = [(r["checkpoint"], r["split"]) for r in record.get("requested", []) if r["checkpoint"] in rows]
     done = total = 0
     finished = []
     for ckpt, split in wanted:
-        units = _units(index[index["name"] == ckpt], [split], settings)
+        units = work_units(index[index["name"] == ckpt], [split], settings)
         present = sum(part_path(run_dir, u, settings).is_file() for u in units)
         done, total = done + present, total + len(units)
         if present == len(units):
             finished.append((ckpt, split))
     merged = {(r["checkpoint"], r["split"]) for r in record.get("results", []) if r["checkpoint"] not in stale}
-    out["results"] = sorted(f"{c} {s}" for c, s in merged)
     if stale:
         state, detail = "stale", f"{', '.join(sorted(set(stale)))} changed since attacked; rerun attack"
     elif done < total:
@@ -137,7 +140,8 @@ def _set_state(run_dir: Path, record: dict[str, Any], index: pd.DataFrame | None
         state, detail = "partial", f"all {total} batches finished but not merged; rerun attack"
     else:
         state, detail = "done", f"{len(merged)} checkpoint-split pairs"
-    return {**out, "batches_done": done, "batches": total, "state": state, "detail": detail}
+    return {"results": sorted(f"{c} {s}" for c, s in merged), "batches_done": done, "batches": total,
+            "state": state, "detail": detail}
 
 
 def _attack(run_dir: Path, sets: list[dict[str, Any]]) -> dict[str, str]:

@@ -107,14 +107,6 @@ def test_point_summary_reference():
     assert out["spread"].iloc[[1, 3]].isna().all()
 
 
-def test_curve_grid_is_float64_from_the_start():
-    frame = pd.DataFrame([{"checkpoint": "c", "split": "test", "index": 0, "label": 1, "correct": 1,
-                           "attack": "ddn", "distance": 0.1000000001}])
-    curves = robustness.curves_frame(frame, epsilons=[0.1])
-    assert curves["epsilon"].tolist() == [0.1]
-    assert curves["robust_accuracy"].tolist() == [1.0]  # float32(0.1) > d would give 0
-
-
 # --------------------------------------------------------------------------- portable runs
 
 
