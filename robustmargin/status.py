@@ -139,7 +139,7 @@ def _set_state(run_dir: Path, record: dict[str, Any], index: pd.DataFrame | None
     elif not set(finished) <= merged:
         state, detail = "partial", f"all {total} batches finished but not merged; rerun attack"
     else:
-        state, detail = "done", f"{len(merged)} checkpoint-split pairs"
+        state, detail = "done", f"{len(merged)} (checkpoint, split) result{'' if len(merged) == 1 else 's'}"
     return {"results": sorted(f"{c} {s}" for c, s in merged), "batches_done": done, "batches": total,
             "state": state, "detail": detail}
 
