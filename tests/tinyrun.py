@@ -20,16 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"data": {"n_train": 200, "n_test": 100}, "model": {"name": "mlp", "bias": "none", "hidden": [32]}}
 
 
-@functools.lru_cache(maxsize=None)
-def _data(key: str):
-    return data.load_data(config_from_dict(CONFIG).data)
+@functools.lru_cache(maxsize=1)
+def _train_split():
+    return data.load_data(config_from_dict(CONFIG).data)["train"]
 
 
 def write_run(run: Path) -> Path:
     cfg = config_from_dict(CONFIG)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(cfg.to_toml())
-    x, y = _data("train")["train"]
+    x, y = _train_split()
     torch.manual_seed(0)
     model = build_model(ModelSpec(name="mlp", bias="none", hidden=(32,)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
