@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from robustmargin.attacks.runner import ATTACKS, BUDGETS, ENSEMBLE
+from robustmargin import distributed
+from robustmargin.attacks.runner import ATTACKS, BUDGETS, ENSEMBLES
 from robustmargin.errors import UserError
 from robustmargin.robustness import evaluate_run
 
@@ -30,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="default: both (--model: both for a named dataset, test for an .npz file)")
     p.add_argument("--n", type=int, help="points per split, the same for every checkpoint (default 100; "
                                          "--model: at most 100)")
-    p.add_argument("--attacks", default=",".join(ENSEMBLE),
-                   help=f"comma list of {', '.join(ATTACKS)} or 'ensemble' (default {','.join(ENSEMBLE)})")
+    p.add_argument("--attacks", default="ensemble",
+                   help=f"comma list of {', '.join(ATTACKS)}, or 'ensemble' (the default): the budget's "
+                        f"ensemble, {'; '.join(f'{b}: ' + ','.join(e) for b, e in ENSEMBLES.items())}")
     p.add_argument("--checkpoints", default="all", help="all (default) or a comma list of checkpoint names")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="fast",
                    help="fast (default): short tuned budgets; reference: each attack's reference settings "
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"run directory {args.run_dir} does not exist")
         distances, _ = evaluate_run(args.run_dir, splits=splits, n=100 if args.n is None else args.n,
                                     checkpoints=args.checkpoints, **options)
-    if not args.quiet:
+    if not args.quiet and distributed.world().is_main:  # under torchrun, one summary
         best = distances.groupby(["checkpoint", "split", "index"], sort=False)["distance"].min().reset_index()
         summary = best.groupby(["checkpoint", "split"], sort=False)["distance"].agg(
             clean_acc=lambda d: float((d > 0).mean()), median_distance="median")
