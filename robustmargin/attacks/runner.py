@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from robustmargin.attacks.criterion import is_adversarial
+from robustmargin.attacks.alma import alma
+from robustmargin.attacks.apgd import apgd
 from robustmargin.attacks.cw import carlini_wagner_l2
 from robustmargin.attacks.ddn import ddn
 from robustmargin.attacks.fmn import fmn
@@ -28,6 +30,7 @@ from robustmargin.errors import UserError
 AttackFn = Callable[..., Tensor]
 
 ATTACKS: dict[str, AttackFn] = {"cw": carlini_wagner_l2, "ddn": ddn, "fmn": fmn, **FOOLBOX_ATTACKS}
+ATTACKS.update(alma=alma, apgd=apgd)
 
 # The fast default ensemble and its budgets (scripts/bench_attacks.py measures them).
 # On MNIST-like data FMN with 100 steps is already within ~0.2 % (median) of far longer
@@ -44,6 +47,8 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "foolbox-cw": {"steps": 100, "binary_search_steps": 4, "initial_const": 0.1, "lr": 0.1},
     "foolbox-ddn": {"steps": 100},
     "foolbox-fmn": {"steps": 100},
+    "alma": {"steps": 200},
+    "apgd": {"steps": 20, "search_steps": 10},
 }
 # The strong budget: CW at its reference settings, DDN and FMN with random restarts. A single
 # gradient run can stop in a local minimum of a ReLU network's piecewise-linear boundary (on
