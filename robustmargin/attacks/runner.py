@@ -47,8 +47,8 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "foolbox-cw": {"steps": 100, "binary_search_steps": 4, "initial_const": 0.1, "lr": 0.1},
     "foolbox-ddn": {"steps": 100},
     "foolbox-fmn": {"steps": 100},
-    "alma": {"steps": 200},
-    "apgd": {"steps": 20, "search_steps": 10},
+    "alma": {"steps": 100},
+    "apgd": {"steps": 10, "search_steps": 10},
 }
 # The strong budget: CW at its reference settings, DDN and FMN with random restarts. A single
 # gradient run can stop in a local minimum of a ReLU network's piecewise-linear boundary (on
