@@ -8,12 +8,23 @@
     runs on the first `--reference-n` points of each checkpoint (said so in the JSON), and
     the time ratio compares cost per attacked point.
 
-Usage: python scripts/bench_attacks.py --run DIR [--n 100] [--split test]
-       python scripts/bench_attacks.py --selftest   (trains a small CNN itself; no run needed)
+(c) the tail (`--parts c`, the default): per attack and budget (k × the attack's fast steps, or
+    its fast steps with restarts), the per-point ratio of its distance to the best distance any
+    run found (every attack at 10 × its fast steps among them): median, 90th percentile, worst,
+    share within 1 %, with forward/backward passes per attacked point and seconds; on the run's
+    first and last checkpoints, train and test. It then names the cheapest ensemble (at most one
+    budget per attack, per-sample minimum) whose 90th-percentile ratio is <= 1.01 and worst
+    <= 1.05, within 3 x the cost of the previous fast default (DDN + FMN, 100 steps). With --out it writes tail.json and
+    tail.md there (and nothing anywhere else).
+
+Usage: python scripts/bench_attacks.py --run DIR [--n 100] [--out DIR]       (part c)
+       python scripts/bench_attacks.py --run DIR --parts a,b [--split test]
+       python scripts/bench_attacks.py --selftest --parts a,b   (trains a small CNN itself)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -25,6 +36,11 @@ import torch
 from torch import nn
 
 from robustmargin.attacks.runner import ENSEMBLE, AttackResult, fast_options, run_attack
+
+TAIL_ATTACKS = ("ddn", "fmn", "alma", "apgd")
+PREVIOUS_DEFAULT = ("ddn", "fmn")  # the fast default before the tail benchmark: 100 steps each
+REFERENCE_FACTOR = 10
+TARGET_P90, TARGET_WORST, MAX_COST_FACTOR = 1.01, 1.05, 3.0
 
 CW_REDUCED = {"steps": 200, "binary_search_steps": 5}
 
@@ -87,6 +103,118 @@ def median_ratio(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def budgets(factors: list[float], restarts: list[int]) -> list[tuple[str, float, int]]:
+    """(label, steps factor, restarts) of every budget measured; the reference factor last."""
+    out = [(f"{f:g}x", f, 1) for f in factors] + [(f"1x-r{r}", 1.0, r) for r in restarts]
+    return out + [(f"{REFERENCE_FACTOR}x", float(REFERENCE_FACTOR), 1)]
+
+
+def budget_settings(name: str, factor: float, restarts: int) -> dict[str, Any]:
+    options = fast_options(name)
+    options.pop("restarts", None)
+    options["steps"] = max(1, round(options["steps"] * factor))
+    if restarts > 1:
+        options["restarts"] = restarts
+    return options
+
+
+def tail_stats(distances: torch.Tensor, best: torch.Tensor) -> dict[str, Any]:
+    """Ratio to the best known distance over the attacked points (failures count as inf)."""
+    keep = (best > 0) & torch.isfinite(best)
+    ratio = (distances[keep] / best[keep]).double()
+    finite = ratio[torch.isfinite(ratio)]
+    return {
+        "median": float(ratio.quantile(0.5, interpolation="higher")),
+        "p90": float(ratio.quantile(0.9, interpolation="higher")),
+        "worst": float(ratio.max()), "within_1pct": float((ratio <= 1.01).double().mean()),
+        "failures": int(len(ratio) - len(finite)), "points": int(len(ratio)),
+    }
+
+
+def tail_part(models, data, n: int, factors: list[float], restarts: list[int]) -> dict[str, Any]:
+    """Run every attack at every budget on every (checkpoint, split); rank budgets and ensembles."""
+    plans = [(name, label, budget_settings(name, f, r)) for name in TAIL_ATTACKS for label, f, r in
+             budgets(factors, restarts)]
+    groups = []
+    for (ckpt, model), (split, (x, y)) in itertools.product(models, data.items()):
+        x, y = x[:n], y[:n]
+        runs = {}
+        for name, label, options in plans:
+            r = run_attack(model, x, y, name, batch_size=len(x), **options)
+            runs[(name, label)] = r
+            print(f"{ckpt} {split} {name}@{label}: {r.seconds:.1f} s", file=sys.stderr)
+        best = torch.stack([r.distances for r in runs.values()]).amin(0)
+        groups.append({"checkpoint": ckpt, "split": split, "runs": runs, "best": best})
+    best = torch.cat([g["best"] for g in groups])
+
+    def pooled(key) -> tuple[torch.Tensor, float, float, int]:
+        dist = torch.cat([g["runs"][key].distances for g in groups])
+        attacked = sum(g["runs"][key].attacked for g in groups)
+        passes = sum(g["runs"][key].forwards + g["runs"][key].backwards for g in groups)
+        return dist, passes / max(attacked, 1), sum(g["runs"][key].seconds for g in groups), attacked
+
+    rows = []
+    for name, label, options in plans:
+        dist, passes, seconds, attacked = pooled((name, label))
+        per_group = {f"{g['checkpoint']}/{g['split']}": tail_stats(g["runs"][(name, label)].distances, g["best"])
+                     for g in groups}
+        rows.append({"attack": name, "budget": label, "options": options, **tail_stats(dist, best),
+                     "passes_per_point": passes, "seconds": round(seconds, 2), "attacked": attacked,
+                     "per_group": per_group})
+
+    previous_cost = sum(pooled((name, "1x"))[1] for name in PREVIOUS_DEFAULT)
+    choices = [[None] + [(name, label) for label, f, r in budgets(factors, restarts) if f < REFERENCE_FACTOR]
+               for name in TAIL_ATTACKS]
+    ensembles = []
+    for combo in itertools.product(*choices):
+        keys = [k for k in combo if k is not None]
+        if not keys:
+            continue
+        cost_ = sum(pooled(k)[1] for k in keys)
+        dist = torch.stack([pooled(k)[0] for k in keys]).amin(0)
+        ensembles.append({"members": [f"{a}@{b}" for a, b in keys], "passes_per_point": cost_,
+                          "cost_vs_previous": cost_ / previous_cost, **tail_stats(dist, best)})
+    ensembles.sort(key=lambda e: e["passes_per_point"])
+    affordable = [e for e in ensembles if e["cost_vs_previous"] <= MAX_COST_FACTOR + 1e-9]
+    meets = [e for e in affordable if e["p90"] <= TARGET_P90 and e["worst"] <= TARGET_WORST]
+    chosen = meets[0] if meets else min(affordable, key=lambda e: (e["p90"], e["worst"], e["passes_per_point"]))
+
+    def find(members: list[str]) -> dict[str, Any] | None:
+        return next((e for e in ensembles if sorted(e["members"]) == sorted(members)), None)
+
+    previous = find([f"{a}@1x" for a in PREVIOUS_DEFAULT])
+    restarts_of = {a: fast_options(a).get("restarts", 1) for a in ENSEMBLE}
+    current = find([f"{a}@1x" if r == 1 else f"{a}@1x-r{r}" for a, r in restarts_of.items()])
+    return {
+        "reference": f"per point, the smallest distance any run found (every attack at {REFERENCE_FACTOR}x its "
+                     "fast steps among them)",
+        "groups": [f"{g['checkpoint']}/{g['split']}" for g in groups], "points_per_group": n,
+        "rows": rows, "previous_default": previous, "current_default": current,
+        "per_point": {"best": [float(v) for v in best],
+                      **{f"{a}@{b}": [float(v) for v in pooled((a, b))[0]] for a, b, _ in plans}}, "chosen": chosen, "chosen_meets_target": bool(meets),
+        "targets": {"p90_max": TARGET_P90, "worst_max": TARGET_WORST, "cost_vs_previous_max": MAX_COST_FACTOR},
+        "cheapest_meeting_target": meets[:5],
+        "best_affordable_by_p90": sorted(affordable, key=lambda e: (e["p90"], e["worst"]))[:5],
+    }
+
+
+def tail_markdown(tail: dict[str, Any]) -> str:
+    lines = ["| attack | budget | passes/point | seconds | median | p90 | worst | within 1 % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in tail["rows"]:
+        lines.append(f"| {r['attack']} | {r['budget']} | {r['passes_per_point']:.0f} | {r['seconds']:.1f} | "
+                     f"{r['median']:.4f} | {r['p90']:.4f} | {r['worst']:.4f} | {r['within_1pct']:.2f} |")
+    lines += ["", "| ensemble | passes/point | cost vs previous | median | p90 | worst | within 1 % |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    shown = (("previous default", tail["previous_default"]), ("current default", tail["current_default"]),
+             ("chosen", tail["chosen"]))
+    for label, e in ((label, e) for label, e in shown if e is not None):
+        lines.append(f"| {label}: {' + '.join(e['members'])} | {e['passes_per_point']:.0f} | "
+                     f"{e['cost_vs_previous']:.2f} | {e['median']:.4f} | {e['p90']:.4f} | {e['worst']:.4f} | "
+                     f"{e['within_1pct']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -100,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cw-steps", type=int, default=CW_REDUCED["steps"])
     p.add_argument("--cw-search-steps", type=int, default=CW_REDUCED["binary_search_steps"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: a,b")
+    p.add_argument("--skip", default="", help="comma list of parts to skip")
+    p.add_argument("--parts", default="c", help="comma list of parts to run: a,b,c (default c)")
+    p.add_argument("--factors", default="1,3", help="part c: step multiples of the fast budget (default 1,3)")
+    p.add_argument("--restarts", default="3", help="part c: restart counts at 1x steps (default 3)")
+    p.add_argument("--out", type=Path, help="part c: write tail.json and tail.md into this directory")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -115,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                   "torch": torch.__version__, "device": "cpu"},
     }
 
-    if "a" not in args.skip:
+    parts = set(args.parts.split(",")) - set(args.skip.split(","))
+    if "a" in parts:
         ours, theirs, rows = [], [], []
         for name, model in models:
             r_ours = run_attack(model, x, y, "cw", batch_size=len(x), **reduced)
@@ -134,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(out["a_cw_vs_foolbox_cw"]), file=sys.stderr)
 
-    if "b" not in args.skip:
+    if "b" in parts:
         k = min(args.reference_n, len(x))
         ens_results: list[AttackResult] = []
         ens_best, ref_results, rows = [], [], []
@@ -166,6 +299,22 @@ def main(argv: list[str] | None = None) -> int:
             "per_checkpoint": rows,
             "targets": {"median_distance_ratio_max": 1.01, "time_ratio_max": round(1 / 20, 4)},
         }
+    if "c" in parts:
+        if args.selftest:
+            data = {args.split: (x, y)}
+        else:
+            from robustmargin.data import load_split
+
+            if args.checkpoints == "all":
+                models = [models[0], models[-1]]
+            data = {split: load_split(args.run, split) for split in ("train", "test")}
+        out["c_tail"] = tail_part(models, data, args.n, [float(f) for f in args.factors.split(",")],
+                                  [int(r) for r in args.restarts.split(",") if r])
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "tail.json").write_text(json.dumps(out, indent=2))
+            (args.out / "tail.md").write_text(tail_markdown(out["c_tail"]))
+        print(tail_markdown(out["c_tail"]), file=sys.stderr)
     print(json.dumps(out, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     return 0
 

@@ -20,6 +20,8 @@ SHORT = {
     "foolbox-cw": {"steps": 30, "binary_search_steps": 3, "initial_const": 1.0},
     "foolbox-ddn": {"steps": 30},
     "foolbox-fmn": {"steps": 30},
+    "alma": {"steps": 30},
+    "apgd": {"steps": 10, "search_steps": 3},
 }
 
 
@@ -64,7 +66,7 @@ def test_attack_output_is_valid_and_deterministic(name, batch):
     assert torch.equal(adv, again), "two runs on the CPU differ"
 
 
-@pytest.mark.parametrize("name", ["ddn", "fmn", "cw"])
+@pytest.mark.parametrize("name", ["ddn", "fmn", "cw", "alma", "apgd"])
 def test_attacks_survive_huge_logits(name, batch):
     """Long-trained homogeneous nets have huge logits (where a float32 CE gradient underflows).
 

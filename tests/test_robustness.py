@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from robustmargin.attacks import ENSEMBLE
 from robustmargin.errors import UserError
 from robustmargin.robustness import (
     curves_frame,
@@ -75,7 +76,7 @@ def test_ensemble_and_frames_take_per_sample_minimum():
 
 
 def test_resolve_attacks():
-    assert resolve_attacks("ensemble") == ["ddn", "fmn"]
+    assert resolve_attacks("ensemble") == list(ENSEMBLE)
     assert resolve_attacks("cw, ddn,cw") == ["cw", "ddn"]
     with pytest.raises(UserError, match="unknown attack"):
         resolve_attacks("ddn,pgd")

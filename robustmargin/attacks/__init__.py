@@ -4,6 +4,8 @@ Every attack is `attack(model, inputs, labels, *, steps=..., ...) -> adversarial
 (same shape as inputs; the original input where nothing was found). Measuring —
 skipping misclassified points, verifying results, distances, cost — is the runner's job.
 """
+from robustmargin.attacks.alma import alma
+from robustmargin.attacks.apgd import apgd
 from robustmargin.attacks.cw import carlini_wagner_l2
 from robustmargin.attacks.ddn import ddn
 from robustmargin.attacks.fmn import fmn
@@ -28,6 +30,8 @@ __all__ = [
     "ENSEMBLES",
     "FAST_SETTINGS",
     "AttackResult",
+    "alma",
+    "apgd",
     "budget_options",
     "carlini_wagner_l2",
     "ddn",
