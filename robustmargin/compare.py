@@ -195,6 +195,7 @@ def gather(runs: Sequence[Path], *, grid: Sequence[str] | None = None, split: st
 def margin_figure(rows: pd.DataFrame):
     """Each margin against the median attack distance, one colour per run, checkpoints joined by epoch."""
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     from robustmargin.figures import _figure, _style
 
@@ -207,6 +208,7 @@ def margin_figure(rows: pd.DataFrame):
             sns.lineplot(data, x=margin, y="median_distance", hue="run", sort=False, estimator=None,
                          marker="o", ax=ax, legend=i == len(MARGINS) - 1)
             ax.set(xlabel=MARGIN_LABELS[margin], ylabel="median attack distance (L2)")
+            ax.xaxis.set_major_locator(MaxNLocator(4))  # margins carry many digits; keep the ticks apart
         if axes[-1].get_legend() is not None:
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
         fig.suptitle("Margin vs median attack distance (training-set margins, attacks on "
