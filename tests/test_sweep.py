@@ -116,6 +116,23 @@ def test_alone_presents_one_process_and_restores(monkeypatch):
     assert os.environ["LOCAL_WORLD_SIZE"] == "2" and __import__("torch").get_num_threads() == threads
 
 
+@pytest.mark.parametrize("rank, mine", [(0, ["train.seed=0", "train.seed=2"]), (1, ["train.seed=1"])])
+def test_each_rank_runs_its_share_as_a_one_process_job(tmp_path, monkeypatch, rank, mine):
+    """One rank of two, in this process: the process group that agrees on the to-do list is left out
+    (the test below has it), and without `alone` training would try to join a group of two and fail."""
+    from contextlib import nullcontext
+
+    for key, value in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": 2}.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(distributed, "group", lambda device: nullcontext(distributed.world()))
+    (tmp_path / "s.toml").write_text(BASE.replace("max_steps = 20", "max_steps = 2")
+                                     + '[grid]\n"train.seed" = [0, 1, 2]\n')
+    assert sweep(tmp_path / "s.toml", tmp_path / "out", stages="train") == {name: ["train"] for name in mine}
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == mine
+    assert distributed.world() == distributed.World(rank, 2, rank)
+
+
+@pytest.mark.slow  # three interpreter starts (torchrun and two ranks): half a minute on a loaded machine
 def test_runs_are_dealt_over_two_ranks(tmp_path):
     (tmp_path / "s.toml").write_text(BASE.replace("max_steps = 20", "max_steps = 4")
                                      + '[grid]\n"train.seed" = [0, 1]\n')
