@@ -67,6 +67,36 @@ def group(device: str = "cpu") -> Iterator[World]:
             dist.destroy_process_group()
 
 
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def alone(device: str = "cpu") -> Iterator[World]:
+    """Run a block as a one-process job on this rank's share of the machine, for work dealt out whole
+    to ranks (the runs of a sweep): inside it every stage sees world size 1 — no process group, no
+    collectives — on cuda:LOCAL_RANK (made the current CUDA device, which plain "cuda" then means) or on
+    this rank's share of the CPU cores. Yields the rank's own World; the environment is restored after."""
+    if active():
+        raise RuntimeError("alone() needs this rank outside any process group")
+    w = world()
+    saved_env, saved_threads = {k: os.environ.get(k) for k in _LAUNCH_ENV}, torch.get_num_threads()
+    if w.size > 1:
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(rank_device("cuda"))
+        else:
+            torch.set_num_threads(max(1, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", w.size))))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    try:
+        yield w
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(saved_threads)
+
+
 def rank_device(device: str) -> torch.device:
     """cuda → cuda:LOCAL_RANK under torchrun (modulo the GPUs there are); anything else unchanged."""
     dev = torch.device(device)

@@ -342,7 +342,7 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
               disable=not (progress and w.is_main), leave=False) as bar:
         for u in mine:
             if loaded is None or loaded[0] != u.checkpoint:
-                loaded = (u.checkpoint, load_run_model(run_dir, u))
+                loaded = (u.checkpoint, load_run_model(run_dir, u.file))
             bar.set_postfix_str(f"{u.checkpoint} {u.split} {u.attack}")
             x, y = data[u.split]
             _attack_batch(loaded[1], x, y, u.start, settings.batch_size, u.attack, settings.options[u.attack],
@@ -359,14 +359,14 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
     return distances, pd.read_csv(out_dir / "curves.csv")
 
 
-def load_run_model(run_dir: Path, row) -> torch.nn.Module:
-    """The model of one checkpoint-index row: a robustmargin checkpoint, or an evaluated user model."""
+def load_run_model(run_dir: Path, file: str) -> torch.nn.Module:
+    """The model of one checkpoint file: a robustmargin checkpoint, or an evaluated user model."""
     from robustmargin.checkpoints import load_checkpoint
     from robustmargin.external import is_external, run_model
 
     if is_external(run_dir):
         return run_model(run_dir)
-    return load_checkpoint(run_dir / "checkpoints" / str(row.file))[0]
+    return load_checkpoint(run_dir / "checkpoints" / str(file))[0]
 
 
 def _attack_batch(model: torch.nn.Module, x: Tensor, y: Tensor, start: int, batch_size: int, name: str,

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tinysweep import swept  # noqa: F401  (a session fixture shared by the sweep and compare tests)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def single_threaded():
