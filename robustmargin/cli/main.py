@@ -7,7 +7,7 @@ import sys
 
 from robustmargin.errors import UserError
 
-COMMANDS = ("train", "attack", "analyze", "report", "reproduce")
+COMMANDS = ("train", "attack", "analyze", "report", "reproduce", "theory")
 
 
 class _Parser(argparse.ArgumentParser):
