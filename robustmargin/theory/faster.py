@@ -21,9 +21,10 @@ from robustmargin.theory.svm import max_margin_direction
 FLOOR = 1e-12  # gaps below this are float64 noise relative to margins of order 0.1
 
 
-def run_methods(x, y, *, quick: bool, lr: float = 0.1, period: int = 100, factor: float = 2.0) -> pd.DataFrame:
+def run_methods(x, y, *, quick: bool, lr: float = 0.1, period: int = 100, factor: float = 2.0,
+                steps: int | None = None) -> pd.DataFrame:
     w_star = max_margin_direction(x.numpy(), y.numpy())
-    steps = 2000 if quick else 6000
+    steps = steps or (2000 if quick else 6000)
     runs = []
     for method in ("GD", "normalized GD", "PRGD"):
         model = mlp(x.shape[1], (), seed=0)

@@ -27,10 +27,11 @@ from robustmargin.models import HomogeneousNet, ModelSpec, build_model
 MODES = ("flow", "gd", "normalized")
 
 
-def mlp(dim: int, hidden: tuple[int, ...], *, bias: str = "none", seed: int = 0) -> HomogeneousNet:
+def mlp(dim: int, hidden: tuple[int, ...], *, bias: str = "none", activation: str = "relu",
+        seed: int = 0) -> HomogeneousNet:
     """A float64 MLP with scalar output (labels ±1); no hidden layer is the linear model w·x (L = 1)."""
     torch.manual_seed(seed)
-    spec = ModelSpec(name="mlp", bias=bias, hidden=hidden, in_channels=dim, image_size=1, num_classes=1)
+    spec = ModelSpec(name="mlp", bias=bias, activation=activation, hidden=hidden, in_channels=dim, image_size=1, num_classes=1)
     return build_model(spec).double()
 
 
@@ -107,6 +108,8 @@ def integrate(model: HomogeneousNet, x: torch.Tensor, y: torch.Tensor, *, loss: 
         with torch.no_grad():
             if mode == "flow":
                 g_norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
+                if g_norm == 0:  # a stationary point (every ReLU dead): the flow stops here
+                    break
                 h = kappa * float(flat_params(model).norm()) / (g_norm * max(1.0, -float(log_s.detach())))
                 dt_log = math.log(h) - float(log_s.detach())  # dt = h / S
             else:

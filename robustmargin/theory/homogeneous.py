@@ -42,24 +42,24 @@ def kkt_recorder(x, y, every: int):
     return record
 
 
-def run_flow(order: int, *, quick: bool, kappa: float = 0.1, bias: str = "none", steps: int | None = None,
-             x=None, y=None) -> pd.DataFrame:
+def run_flow(order: int, *, quick: bool, kappa: float = 0.1, bias: str = "none", activation: str = "relu",
+             steps: int | None = None, x=None, y=None) -> pd.DataFrame:
     """Gradient flow of an L-layer ReLU network (width 8) on the network data."""
     if x is None:
         x, y = network_data()
     steps = steps or (5000 if quick else 15000)
-    model = mlp(x.shape[1], (8,) * (order - 1), bias=bias, seed=0)
+    model = mlp(x.shape[1], (8,) * (order - 1), bias=bias, activation=activation, seed=0)
     trace = integrate(model, x, y, loss="logistic", steps=steps, kappa=kappa, every=10,
-                      on_record=kkt_recorder(x, y, every=steps // 10))
+                      on_record=kkt_recorder(x, y, every=max(1, steps // 10)))
     return trace.assign(order=order, run="gradient flow")
 
 
-def run_sgd(order: int, *, quick: bool, x=None, y=None) -> pd.DataFrame:
+def run_sgd(order: int, *, quick: bool, steps: int | None = None, x=None, y=None) -> pd.DataFrame:
     """SGD from the same start: batches of 2 of the 8 points, the flow's step rule on the batch loss."""
     if x is None:
         x, y = network_data()
     model = mlp(x.shape[1], (8,) * (order - 1), seed=0)
-    trace = integrate(model, x, y, loss="logistic", steps=2000 if quick else 6000, kappa=0.1, batch=2,
+    trace = integrate(model, x, y, loss="logistic", steps=steps or (2000 if quick else 6000), kappa=0.1, batch=2,
                       every=1, seed=1)
     return trace.assign(order=order, run="SGD")
 

@@ -37,7 +37,7 @@ def run_linear(*, quick: bool, loss: str, x: torch.Tensor, y: torch.Tensor, kapp
     w_star = max_margin_direction(x.numpy(), y.numpy())
     model = mlp(x.shape[1], (), seed=0)
     steps = steps or (3000 if quick else 12000)
-    trace = integrate(model, x, y, loss=loss, steps=steps, kappa=kappa, every=steps // 60,
+    trace = integrate(model, x, y, loss=loss, steps=steps, kappa=kappa, every=max(1, steps // 60),
                       on_record=direction_metrics(w_star, x, y))
     trace["loss"] = loss
     last = trace.iloc[-1]
