@@ -27,7 +27,7 @@ def one_minus_cos(w, v):
 
 
 def test_linear_flow_reaches_the_svm_direction():
-    x, y = linear.linear_data(True)
+    x, y = linear.linear_data()
     rows, trace, w = linear.run_linear(quick=True, loss="logistic", x=x, y=y, steps=1500)
     reference = dual_svm(x.numpy(), y.numpy())
     assert one_minus_cos(w, reference) <= 1e-3
@@ -37,7 +37,7 @@ def test_linear_flow_reaches_the_svm_direction():
 
 
 def test_linear_check_refuses_data_not_separable_through_the_origin():
-    x, y = linear.linear_data(True)
+    x, y = linear.linear_data()
     x, y = x.clone(), y.clone()
     x[1], y[1] = x[0], -y[0]  # the same point with both labels: no w separates them
     with pytest.raises(UserError, match="not linearly separable"):
@@ -72,7 +72,7 @@ def test_kkt_residuals_fall_and_need_a_homogeneous_model():
 
 
 def test_prgd_beats_normalized_gd_beats_gd_and_needs_the_rescaling():
-    x, y = linear.linear_data(True)
+    x, y = linear.linear_data()
     rows = faster.faster_rows(faster.run_methods(x, y, quick=True, steps=600))
     assert rows[-1]["passed"]
     no_rescale = faster.faster_rows(faster.run_methods(x, y, quick=True, steps=600, factor=1.0))

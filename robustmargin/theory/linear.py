@@ -15,7 +15,7 @@ from robustmargin.theory.svm import max_margin_direction
 COS_TARGET = 1e-3
 
 
-def linear_data(quick: bool):
+def linear_data():
     return separable_data(40, 3, gap=0.1, seed=1)
 
 

@@ -108,7 +108,7 @@ def run_theory(out: str | Path, *, quick: bool, progress: bool = False) -> pd.Da
     start = time.perf_counter()
     bar = tqdm(total=6, disable=not progress, unit="check")
     rows, lin_traces = [], []
-    x, y = linear.linear_data(quick)
+    x, y = linear.linear_data()
     weights = {}
     for loss in ("logistic", "exp"):
         r, trace, w = linear.run_linear(quick=quick, loss=loss, x=x, y=y)
