@@ -7,7 +7,7 @@ import sys
 
 from robustmargin.errors import UserError
 
-COMMANDS = ("train", "attack", "analyze", "report", "reproduce", "status", "sweep", "compare")
+COMMANDS = ("train", "attack", "analyze", "report", "reproduce", "status", "sweep", "compare", "theory")
 
 
 class _Parser(argparse.ArgumentParser):
