@@ -132,7 +132,6 @@ def test_each_rank_runs_its_share_as_a_one_process_job(tmp_path, monkeypatch, ra
     assert distributed.world() == distributed.World(rank, 2, rank)
 
 
-@pytest.mark.slow  # three interpreter starts (torchrun and two ranks): half a minute on a loaded machine
 def test_runs_are_dealt_over_two_ranks(tmp_path):
     (tmp_path / "s.toml").write_text(BASE.replace("max_steps = 20", "max_steps = 4")
                                      + '[grid]\n"train.seed" = [0, 1]\n')
