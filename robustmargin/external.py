@@ -214,7 +214,7 @@ def check_data(x: torch.Tensor, y: torch.Tensor, what: str = "data") -> None:
 
 def check_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """The number of classes, after checking the model maps (n, C, H, W) to logits (n, classes)."""
-    xb, yb = x[:8], y[:8]
+    xb = x[:8]
     param = next(iter(model.parameters()), None)
     try:
         with torch.no_grad():

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from robustmargin import distributed, losses
+from robustmargin import distributed
 from robustmargin.config import TrainConfig
 
 

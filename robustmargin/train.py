@@ -3,7 +3,6 @@ checkpoints at loss thresholds, and exact resume from the last accepted epoch.""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import time
 from dataclasses import dataclass

@@ -140,8 +140,8 @@ def test_runs_are_dealt_over_two_ranks(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for rank in (0, 1):
         assert f"[sweep rank {rank}] 2 runs, 0 complete, 1 to do here" in done.stderr
-    assert f"[sweep rank 0] train.seed=0: train done" in done.stderr
-    assert f"[sweep rank 1] train.seed=1: train done" in done.stderr
+    assert "[sweep rank 0] train.seed=0: train done" in done.stderr
+    assert "[sweep rank 1] train.seed=1: train done" in done.stderr
     for seed in (0, 1):
         states = {s["stage"]: s["state"] for s in run_status(tmp_path / "out" / "runs" / f"train.seed={seed}")["stages"]}
         assert states["train"] == "done"
