@@ -284,8 +284,7 @@ def _check_out(cfg: Config, out: Path, resume: bool) -> None:
 def train(config: Config | dict, out: str | Path, *, resume: bool = False, quiet: bool = True) -> Path:
     """Train per `config` into run directory `out`; with `resume`, continue a killed run."""
     cfg = config if isinstance(config, Config) else config_from_dict(config)
-    # a run directory must find its data from anywhere: keep the data root absolute
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve())))
+    # the data root is saved as given: a relative one stays relative (data.data_root resolves it at load)
     out = Path(out)
     _check_out(cfg, out, resume)
     trainer = Trainer(cfg, out, quiet=quiet)

@@ -30,9 +30,8 @@ from robustmargin.train import Trainer, train
 THRESHOLDS = (-10.0, -15.0, -20.0, -50.0, -120.0)
 
 
-def time_passes(passes: int) -> dict:
+def time_passes(passes: int, out: Path) -> dict:
     cfg = with_overrides(load_preset("quick"), {"train.schedule": "loss-based"})
-    out = Path("/tmp/bench-pass")
     ours = Trainer(cfg, out, quiet=True)
     ours.log_frame = ours.evaluate_train().log_mean
     torch.manual_seed(0)
@@ -119,7 +118,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed of both schedule runs")
     parser.add_argument("--skip-schedules", action="store_true")
     args = parser.parse_args()
-    report = {"threads": torch.get_num_threads(), "pass": time_passes(args.passes)}
+    report = {"threads": torch.get_num_threads(), "pass": time_passes(args.passes, args.out / "pass")}
     if not args.skip_schedules:
         report["schedules"] = run_schedules(args.out, args.budget, args.seed)
     print(json.dumps(report, indent=2))

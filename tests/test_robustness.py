@@ -79,3 +79,11 @@ def test_resolve_attacks():
     assert resolve_attacks("cw, ddn,cw") == ["cw", "ddn"]
     with pytest.raises(UserError, match="unknown attack"):
         resolve_attacks("ddn,pgd")
+
+
+def test_curve_grid_is_float64_from_the_start():
+    frame = pd.DataFrame([{"checkpoint": "c", "split": "test", "index": 0, "label": 1, "correct": 1,
+                           "attack": "ddn", "distance": 0.1000000001}])
+    curves = curves_frame(frame, epsilons=[0.1])
+    assert curves["epsilon"].tolist() == [0.1]
+    assert curves["robust_accuracy"].tolist() == [1.0]  # float32(0.1) > d would give 0

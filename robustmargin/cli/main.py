@@ -7,7 +7,7 @@ import sys
 
 from robustmargin.errors import UserError
 
-COMMANDS = ("train", "attack", "analyze", "report", "reproduce")
+COMMANDS = ("train", "attack", "analyze", "report", "reproduce", "status")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m robustmargin -- COMMAND ...` keeps torchrun off our flags
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
