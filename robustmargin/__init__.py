@@ -8,7 +8,7 @@ from robustmargin.data import load_split
 from robustmargin.errors import UserError
 from robustmargin.train import train
 
-__all__ = ["Config", "UserError", "load_checkpoint", "load_config", "load_preset", "load_split",
+__all__ = ["Config", "UserError", "evaluate", "load_checkpoint", "load_config", "load_preset", "load_split",
            "minimal_distances", "robust_accuracy_curve", "train"]
 __version__ = "0.1.0"
 
@@ -18,6 +18,9 @@ def __getattr__(name: str):
     if name == "minimal_distances":
         from robustmargin.attacks import minimal_distances
         return minimal_distances
+    if name == "evaluate":
+        from robustmargin.external import evaluate
+        return evaluate
     if name == "robust_accuracy_curve":
         from robustmargin.robustness import robust_accuracy_curve
         return robust_accuracy_curve

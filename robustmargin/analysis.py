@@ -419,11 +419,14 @@ def analyze_run(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 100, p
     """Compute every table of a run and (by default) write them under RUN/tables and RUN/robustness."""
     from robustmargin.checkpoints import load_checkpoint, read_index
     from robustmargin.data import load_data, run_config
+    from robustmargin.external import analyze_external, is_external
 
     run_dir = check_run_dir(run_dir)
     _check_device(device)
     if kkt_k < 1:
         raise UserError(f"kkt_k must be at least 1, got {kkt_k}")
+    if is_external(run_dir):  # a user's model: no training history, and only some bounds apply
+        return analyze_external(run_dir, device=device, kkt_k=kkt_k, progress=progress, write=write)
     cfg = run_config(run_dir)
     metrics = read_metrics(run_dir)
     index = read_index(run_dir)

@@ -135,6 +135,23 @@ def load_data(cfg: DataConfig) -> dict[str, Split]:
     return {"train": train, "test": test}
 
 
+def load_npz(path: str | Path) -> Split:
+    """(x, y) from an .npz file holding `x` (N, C, H, W) in [0, 1] and integer labels `y` (N,)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read {path} as an .npz file with arrays x and y ({err})") from None
+    if x.ndim != 4 or y.shape != (len(x),) or not len(x):
+        raise UserError(f"{path}: x must be (N, C, H, W) and y (N,), got x {x.shape} and y {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{path}: labels y must be integers, got {y.dtype}")
+    x = x.astype(np.float32)
+    if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise UserError(f"{path}: x must lie in [0, 1] (found [{np.nanmin(x):.4g}, {np.nanmax(x):.4g}])")
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+
 def run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
@@ -146,4 +163,8 @@ def load_split(run_dir: str | Path, split: str) -> Split:
     """Exactly the (x, y) that the run in `run_dir` used for `split` ("train" or "test")."""
     if split not in ("train", "test"):
         raise UserError(f"split must be 'train' or 'test', got {split!r}")
+    from robustmargin.external import external_split  # an evaluated user model keeps its data elsewhere
+    found = external_split(run_dir, split)
+    if found is not None:
+        return found
     return load_data(run_config(run_dir).data)[split]

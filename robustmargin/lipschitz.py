@@ -4,6 +4,8 @@
 that is the convolution operator with its padding and stride, not the reshaped kernel matrix. Biases
 are ignored, since an affine map has the Lipschitz constant of its linear part. ReLU, Flatten and
 non-overlapping max-pooling are 1-Lipschitz in L2, so ∏σ_i bounds the network's Lipschitz constant.
+A non-overlapping average-pool scales L2 norms by at most 1/√(window area) (Cauchy–Schwarz per window;
+at most 1 with padding or ceil_mode): that factor is folded into σ of the weight layer before it.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 def layer_input_shapes(model: HomogeneousNet, input_shape: Sequence[int] | None = None) -> list[tuple[int, ...]]:
     """Per-sample input shape of every weight layer, found by running a dummy input through model.body.
 
-    `input_shape` (C, H, W) defaults to the model's spec."""
+    `input_shape` (C, H, W) defaults to the model's `input_shape` attribute if it has one, else its spec."""
     if input_shape is None:
-        input_shape = (model.spec.in_channels, model.spec.image_size, model.spec.image_size)
+        input_shape = getattr(model, "input_shape", None) or (
+            model.spec.in_channels, model.spec.image_size, model.spec.image_size)
     param = next(model.parameters())
     h = torch.zeros((1, *input_shape), dtype=param.dtype, device=param.device)
     shapes = []
@@ -88,14 +91,36 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int], *, iters: int = 
 
 def layer_spectral_norms(model: HomogeneousNet, *, iters: int = 5000, tol: float = 1e-6, block: int = 8,
                          seed: int = 0, input_shape: Sequence[int] | None = None) -> list[float]:
-    """σ_i of every weight layer's linear operator, in order (see `operator_norm`)."""
+    """σ_i of every weight layer's linear operator, in order (see `operator_norm`), times the factor of
+    any average-pool between it and the next weight layer."""
     shapes = layer_input_shapes(model, input_shape)
-    return [operator_norm(layer, shape, iters=iters, tol=tol, block=block, seed=seed)
-            for layer, shape in zip(model.weight_layers, shapes)]
+    sigmas = [operator_norm(layer, shape, iters=iters, tol=tol, block=block, seed=seed)
+              for layer, shape in zip(model.weight_layers, shapes)]
+    i = -1
+    for module in model.body:
+        if isinstance(module, WEIGHT_LAYERS):
+            i += 1
+        elif isinstance(module, nn.AvgPool2d) and i >= 0:  # before the first layer: counted as 1, still a bound
+            sigmas[i] *= avg_pool_factor(module)
+    return sigmas
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
     return v if isinstance(v, tuple) else (v, v)
+
+
+def _disjoint(module: nn.MaxPool2d | nn.AvgPool2d) -> bool:
+    k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    dilation = _pair(getattr(module, "dilation", 1))
+    return all((ki - 1) * di + 1 <= si for ki, si, di in zip(k, s, dilation))
+
+
+def avg_pool_factor(module: nn.AvgPool2d) -> float:
+    """L2 Lipschitz constant bound of a non-overlapping average-pool: 1/√(kh·kw) when every window is
+    full (no padding, no ceil_mode), else 1 (a partial window averages fewer values)."""
+    if module.padding not in (0, (0, 0)) or module.ceil_mode or module.divisor_override is not None:
+        return 1.0
+    return 1.0 / math.sqrt(math.prod(_pair(module.kernel_size)))
 
 
 def check_one_lipschitz_between_layers(model: HomogeneousNet) -> None:
@@ -103,11 +128,11 @@ def check_one_lipschitz_between_layers(model: HomogeneousNet) -> None:
     for module in model.body:
         if isinstance(module, (*WEIGHT_LAYERS, nn.ReLU, nn.Flatten)):
             continue
-        if isinstance(module, nn.MaxPool2d):
-            k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-            if all(ki <= si for ki, si in zip(k, s)):
-                continue  # windows are disjoint: ||maxpool(a) − maxpool(b)|| ≤ ||a − b||
-            raise UserError(f"max-pool with kernel {k} > stride {s} overlaps: the product bound does not apply")
+        if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            if _disjoint(module) and (isinstance(module, nn.MaxPool2d) or module.divisor_override is None):
+                continue  # windows are disjoint: ||pool(a) − pool(b)|| ≤ ||a − b||
+            raise UserError(f"{type(module).__name__} with kernel {module.kernel_size} and stride {module.stride} "
+                            "has overlapping windows: the product bound does not apply")
         raise UserError(f"{type(module).__name__} has no global Lipschitz constant here (e.g. squared ReLU): "
                         "no product bound or certified radius")
 
@@ -139,8 +164,8 @@ def certified_radii(model: HomogeneousNet, x: torch.Tensor, y: torch.Tensor, sig
     """
     check_one_lipschitz_between_layers(model)
     last = model.weight_layers[-1]
-    if not isinstance(last, nn.Linear):
-        raise UserError("certified radii need a Linear last layer")
+    if not isinstance(last, nn.Linear) or model.body[-1] is not last:
+        raise UserError("certified radii need a network that ends with its Linear last layer")
     if sigmas is None:
         sigmas = layer_spectral_norms(model)
     if len(sigmas) != len(model.weight_layers):

@@ -203,7 +203,14 @@ def build_figures(run_dir: Path, metrics: pd.DataFrame, tables: dict[str, pd.Dat
                                         if "margins" in tables else None),
         "kkt": lambda: figures.kkt_figure(kkt) if (kkt["eps"] > 0).any() else None,
     }
+    if metrics is None:  # an external model has no training history
+        builders = {k: v for k, v in builders.items() if k not in TRAINING_FIGURES}
     return figures.make_figures(run_dir, builders)
+
+
+TRAINING_FIGURES = ("loss", "margins", "accuracy")
+EXTERNAL_NOTE = ("External model: the training figures and the paper's claims are left out, since they need a "
+                 "training history (metrics.csv).")
 
 
 CAPTIONS = {
@@ -271,7 +278,7 @@ def render_html(run_dir: Path, config_text: str, claims: list[Claim], tables: di
              f"<h1>robustmargin report</h1><p class='sub'>run <code>{html.escape(str(run_dir))}</code>, "
              f"written {now}</p>"]
     parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in warnings]
-    parts += ["<h2>Paper claims</h2>", _claims_html(claims)]
+    parts += ["<h2>Paper claims</h2>", _claims_html(claims)] if claims else []
     parts += ["<h2>Tables</h2>"]
     for name in REQUIRED_TABLES:
         parts += [f"<h3>{name}</h3><p class='desc'>{html.escape(describe(name, tables[name]))}</p>",
@@ -283,13 +290,17 @@ def render_html(run_dir: Path, config_text: str, claims: list[Claim], tables: di
 
 def write_report(run_dir: str | Path) -> Path:
     """Draw RUN/figures/*.png and write RUN/report.html from the files of an analyzed run."""
+    from robustmargin.external import is_external, read_notes
+
     run_dir = check_run_dir(run_dir)
-    metrics = read_metrics(run_dir)
+    external = is_external(run_dir)
+    metrics = None if external else read_metrics(run_dir)
     tables = read_tables(run_dir)
-    runs = read_runs(run_dir, metrics)
+    runs = {} if external else read_runs(run_dir, metrics)
     warnings = [f"{p} is newer than the tables; rerun `robustmargin analyze` to refresh them"
                 for p in stale_inputs(run_dir)]
-    claims = paper_claims(metrics, tables, runs)
+    warnings += [EXTERNAL_NOTE, *read_notes(run_dir)] if external else []
+    claims = [] if external else paper_claims(metrics, tables, runs)
     figure_paths = build_figures(run_dir, metrics, tables, runs)
     page = render_html(run_dir, (run_dir / "config.toml").read_text(), claims, tables, figure_paths, warnings)
     return atomic_write_text(run_dir / "report.html", page)

@@ -315,14 +315,18 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
               progress: bool, w: World) -> tuple[pd.DataFrame, pd.DataFrame]:
     from tqdm.auto import tqdm
 
-    from robustmargin.checkpoints import load_checkpoint, read_index
-    from robustmargin.data import load_data, run_config
+    from robustmargin.checkpoints import read_index
+    from robustmargin.data import load_data, load_split, run_config
+    from robustmargin.external import is_external
 
     index = read_index(run_dir)
     chosen = _select_checkpoints(index, checkpoints)
     if chosen.empty:
         raise UserError(f"{run_dir} has no checkpoints")
-    data = load_data(run_config(run_dir).data)
+    if is_external(run_dir):  # an evaluated user model may hold only some splits
+        data = {s: load_split(run_dir, s) for s in splits}
+    else:
+        data = load_data(run_config(run_dir).data)
     for split in splits:
         if settings.points > len(data[split][1]):
             raise UserError(f"--n {settings.points} is larger than the {split} split ({len(data[split][1])} points)")
@@ -343,7 +347,7 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
               disable=not (progress and w.is_main), leave=False) as bar:
         for u in mine:
             if loaded is None or loaded[0] != u.checkpoint:
-                loaded = (u.checkpoint, load_checkpoint(run_dir / "checkpoints" / u.file)[0])
+                loaded = (u.checkpoint, load_run_model(run_dir, u))
             bar.set_postfix_str(f"{u.checkpoint} {u.split} {u.attack}")
             x, y = data[u.split]
             _attack_batch(loaded[1], x, y, u.start, settings.batch_size, u.attack, settings.options[u.attack],
@@ -358,6 +362,16 @@ def _evaluate(run_dir: Path, settings: AttackSettings, splits: Sequence[str], ch
     out_dir = run_dir / "robustness"
     distances = pd.read_csv(out_dir / "distances.csv")
     return distances, pd.read_csv(out_dir / "curves.csv")
+
+
+def load_run_model(run_dir: Path, row) -> torch.nn.Module:
+    """The model of one checkpoint-index row: a robustmargin checkpoint, or an evaluated user model."""
+    from robustmargin.checkpoints import load_checkpoint
+    from robustmargin.external import is_external, run_model
+
+    if is_external(run_dir):
+        return run_model(run_dir)
+    return load_checkpoint(run_dir / "checkpoints" / str(row.file))[0]
 
 
 def _attack_batch(model: torch.nn.Module, x: Tensor, y: Tensor, start: int, batch_size: int, name: str,

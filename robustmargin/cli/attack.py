@@ -1,4 +1,5 @@
-"""`robustmargin attack`: per-sample minimal L2 distances and robust-accuracy curves for a run."""
+"""`robustmargin attack`: per-sample minimal L2 distances and robust-accuracy curves for a run, or for any
+PyTorch classifier (--model SPEC), which becomes a new run directory (--out)."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,23 @@ from robustmargin.robustness import evaluate_run
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("attack", help="minimal L2 adversarial distances and robust-accuracy curves",
                               description=__doc__)
-    p.add_argument("--run", dest="run_dir", type=Path, required=True, metavar="DIR",
-                   help="run directory written by `robustmargin train`")
-    p.add_argument("--split", choices=("train", "test", "both"), default="both", help="default: both")
-    p.add_argument("--n", type=int, default=100, help="points per split, the same for every checkpoint (default 100)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", type=Path, metavar="DIR",
+                        help="run directory written by `robustmargin train`")
+    source.add_argument("--model", metavar="SPEC",
+                        help="path/to/file.py:factory or package.module:factory, a callable returning an "
+                             "nn.Module that maps images in [0,1] to logits")
+    p.add_argument("--weights", type=Path, metavar="FILE",
+                   help="with --model: a state dict or robustmargin checkpoint (loaded with weights_only=True)")
+    p.add_argument("--data", metavar="NAME", help="with --model: mnist5k, mnist, cifar10, or an .npz file with "
+                                                  "x (N, C, H, W in [0,1]) and y")
+    p.add_argument("--data-root", default="data", help="with --model: where torchvision datasets live (default data)")
+    p.add_argument("--download", action="store_true", help="with --model: fetch a torchvision dataset if missing")
+    p.add_argument("--out", type=Path, metavar="DIR", help="with --model: the run directory to create")
+    p.add_argument("--split", choices=("train", "test", "both"),
+                   help="default: both (--model: both for a named dataset, test for an .npz file)")
+    p.add_argument("--n", type=int, help="points per split, the same for every checkpoint (default 100; "
+                                         "--model: at most 100)")
     p.add_argument("--attacks", default=",".join(ENSEMBLE),
                    help=f"comma list of {', '.join(ATTACKS)} or 'ensemble' (default {','.join(ENSEMBLE)})")
     p.add_argument("--checkpoints", default="all", help="all (default) or a comma list of checkpoint names")
@@ -31,14 +45,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    splits = ("train", "test") if args.split == "both" else (args.split,)
-    if not args.run_dir.is_dir():
-        raise UserError(f"run directory {args.run_dir} does not exist")
-    distances, _ = evaluate_run(
-        args.run_dir, splits=splits, n=args.n, attacks=args.attacks, checkpoints=args.checkpoints,
-        budget=args.budget, steps=args.steps, batch_size=args.batch_size, device=args.device,
-        progress=not args.quiet,
-    )
+    options = dict(attacks=args.attacks, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
+                   device=args.device, progress=not args.quiet)
+    if args.model is not None:
+        if args.data is None or args.out is None:
+            raise UserError("--model needs --data and --out")
+        if args.checkpoints != "all":
+            raise UserError("--checkpoints applies to --run only (an external model is checkpoint `model`)")
+        from robustmargin.external import attack_spec
+        distances, _ = attack_spec(args.model, weights=args.weights, data=args.data, out=args.out,
+                                   split=args.split, n=args.n, data_root=args.data_root, download=args.download,
+                                   **options)
+        args.run_dir = args.out
+    else:
+        given = [f for f, v in (("--weights", args.weights), ("--data", args.data), ("--out", args.out)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)} go with --model, not --run")
+        split = args.split or "both"
+        splits = ("train", "test") if split == "both" else (split,)
+        if not args.run_dir.is_dir():
+            raise UserError(f"run directory {args.run_dir} does not exist")
+        distances, _ = evaluate_run(args.run_dir, splits=splits, n=100 if args.n is None else args.n,
+                                    checkpoints=args.checkpoints, **options)
     if not args.quiet:
         best = distances.groupby(["checkpoint", "split", "index"], sort=False)["distance"].min().reset_index()
         summary = best.groupby(["checkpoint", "split"], sort=False)["distance"].agg(
