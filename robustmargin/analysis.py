@@ -420,17 +420,17 @@ def margin_growth_rows(metrics: pd.DataFrame) -> list[dict]:
     after = _separation(metrics)
     after = None if after is None else after[np.isfinite(after["normalized_margin"])]
     if after is None or len(after) < 2:
-        return [_row("C1", NOT_MEASURED, "log10_margin_ratio",
+        return [_row("C1", NOT_MEASURED, "relative_margin_change",
                      "the run never kept 100 % training accuracy for two epochs")]
     first, last = after.iloc[0], after.iloc[-1]
     rows = []
     for column, name in (("normalized_margin", "q_min/ρ^L"), ("normalized_margin_layerwise", "q_min/∏ρ_i^a_i")):
         a, b = float(first[column]), float(last[column])
-        ratio = math.log10(b / a) if a > 0 and b > 0 else math.nan
+        change = (b - a) / abs(a) if a else math.nan
         verdict = HELD if b > a else NOT_HELD
-        rows.append(_row("C1", verdict, f"log10_margin_ratio ({column})",
+        rows.append(_row("C1", verdict, f"relative_margin_change ({column})",
                          f"train: {name} {a:.4g} at epoch {int(first['epoch'])} (separation) → {b:.4g} at epoch "
-                         f"{int(last['epoch'])}; one training run, no sampling interval", ratio,
+                         f"{int(last['epoch'])}; one training run, no sampling interval", change,
                          n=len(after)))
     return rows
 
