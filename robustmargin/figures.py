@@ -189,6 +189,8 @@ def trends_figure(table1: pd.DataFrame, lipschitz: pd.DataFrame, kkt: pd.DataFra
         ax = axes[0]
         for column, label in (("normalized_margin", RHO_L), ("normalized_margin_layerwise", RHO_LAYERWISE)):
             ax.plot(table1["log10_loss"], table1[column], "o-", label=label)
+        if (table1[["normalized_margin", "normalized_margin_layerwise"]] > 0).all().all():
+            ax.set_yscale("log")  # the two normalizations differ by orders of magnitude
         ax.set(ylabel="normalized margin", title="Normalized margins")
         ax = axes[1]
         x = loss.reindex(products.index)

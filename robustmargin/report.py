@@ -103,7 +103,7 @@ CAPTIONS = {
                             "and robust accuracy under the attacks (solid, an upper bound), on a log ε axis.",
     "margin_distribution": "Distribution of per-sample layer-wise normalized margins per checkpoint.",
     "kkt": "KKT residuals of the max-margin problem per checkpoint (both go to 0 at a KKT point).",
-    "trends": "Per checkpoint against its training loss (log10; training runs right to left): normalized "
+    "trends": "Per checkpoint against its training loss (log10; training proceeds to the right): normalized "
               "margins, the Lipschitz product ∏σ_i and the parameter-norm product ∏ρ_i^a_i, KKT residuals, "
               "and the median attack distance per split (where attacked).",
 }
