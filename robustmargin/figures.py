@@ -178,6 +178,46 @@ def kkt_figure(kkt: pd.DataFrame) -> Figure:
     return fig
 
 
+def trends_figure(table1: pd.DataFrame, lipschitz: pd.DataFrame, kkt: pd.DataFrame,
+                  mvr: pd.DataFrame) -> Figure:
+    """Margins, norm products, KKT residuals and attack distances per checkpoint against its log10 loss,
+    so a long run shows how each quantity moves over hundreds of decades of loss."""
+    loss = table1.set_index("checkpoint")["log10_loss"]
+    products = lipschitz.drop_duplicates("checkpoint").set_index("checkpoint")[["sigma_product", "rho_product"]]
+    with _style():
+        fig, axes = _figure(2, 2, width=5.0, height=3.6)
+        ax = axes[0]
+        for column, label in (("normalized_margin", RHO_L), ("normalized_margin_layerwise", RHO_LAYERWISE)):
+            ax.plot(table1["log10_loss"], table1[column], "o-", label=label)
+        if (table1[["normalized_margin", "normalized_margin_layerwise"]] > 0).all().all():
+            ax.set_yscale("log")  # the two normalizations differ by orders of magnitude
+        ax.set(ylabel="normalized margin", title="Normalized margins")
+        ax = axes[1]
+        x = loss.reindex(products.index)
+        ax.plot(x, products["sigma_product"], "o-", label=r"$\Pi_i\,\sigma_i$ (Lipschitz bound)")
+        ax.plot(x, products["rho_product"], "s--", label=r"$\Pi_i\,\rho_i^{a_i}$")
+        ax.set_yscale("log")
+        ax.set(ylabel="product over layers", title="Lipschitz and norm products")
+        ax = axes[2]
+        x = loss.reindex(kkt["checkpoint"]).to_numpy()
+        for column, label in (("eps", "ε (stationarity)"), ("delta", "δ (compl. slackness)")):
+            keep = kkt[column].to_numpy() > 0
+            ax.plot(x[keep], kkt[column].to_numpy()[keep], "o-", label=label)
+        ax.set_yscale("log")
+        ax.set(ylabel="KKT residual", title="KKT residuals")
+        ax = axes[3]
+        if "median_distance" in mvr:
+            for split, part in mvr.dropna(subset=["median_distance"]).groupby("split"):
+                ax.plot(loss.reindex(part["checkpoint"]).to_numpy(), part["median_distance"], "o-", label=split)
+        ax.set(ylabel="median L2 distance", title="Attack distance (per-sample minimum)")
+        for ax in axes:
+            ax.set_xlabel("log10 training loss at the checkpoint")
+            ax.invert_xaxis()  # training proceeds to the right
+            if ax.has_data():
+                ax.legend(fontsize=8)
+    return fig
+
+
 def save(fig: Figure, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 

@@ -10,157 +10,21 @@ import base64
 import datetime as _dt
 import html
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from robustmargin import figures
-from robustmargin.analysis import (best_distances, check_run_dir, describe, read_csv_checked, read_curves,
-                                   read_distances, read_metrics)
-from robustmargin.config import load_config
+from robustmargin.analysis import (CLAIMS, best_distances, check_run_dir, describe, read_csv_checked, read_curves,
+                                   read_distances, read_metrics, read_points, read_runs)
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
 
 REQUIRED_TABLES = ("table1", "lipschitz", "kkt", "margin_vs_robustness")
-TEST_ACC_TOLERANCE = 0.01   # "barely changes": at most one percentage point between checkpoints
-DECADES_FACTOR = 2.0        # "exponentially faster": at least twice the decades of loss at equal cost
-
-
-@dataclass
-class Claim:
-    statement: str
-    held: bool | None  # None: not measured on this run
-    detail: str
-
-
-# ----------------------------------------------------------------------------- paper claims
-
-def _separation(metrics: pd.DataFrame) -> pd.DataFrame | None:
-    """The rows from the first epoch with 100 % training accuracy on, or None if it never came."""
-    separated = np.flatnonzero(metrics["train_acc"].to_numpy() >= 1.0)
-    return metrics.iloc[separated[0]:] if len(separated) else None
-
-
-def margin_growth_claim(metrics: pd.DataFrame) -> Claim:
-    statement = "The normalized margin grows after the training set is separated."
-    after = _separation(metrics)
-    if after is None or len(after) < 2:
-        return Claim(statement, None, "not measured: the run never kept 100 % training accuracy for two epochs")
-    first, last = after.iloc[0], after.iloc[-1]
-    held = bool(last["normalized_margin"] > first["normalized_margin"])
-    return Claim(statement, held,
-                 f"q_min/ρ^L went from {first['normalized_margin']:.4g} at epoch {int(first['epoch'])} (first "
-                 f"with 100 % training accuracy) to {last['normalized_margin']:.4g} at epoch {int(last['epoch'])}; "
-                 f"layer-wise {first['normalized_margin_layerwise']:.4g} → "
-                 f"{last['normalized_margin_layerwise']:.4g}.")
-
-
-def smoothed_monotone_claim(metrics: pd.DataFrame) -> Claim:
-    statement = "The smoothed normalized margin never decreases after separation."
-    after = _separation(metrics)
-    values = None if after is None else after["smoothed_normalized_margin"].to_numpy(dtype=float)
-    values = None if values is None else values[np.isfinite(values)]
-    if values is None or len(values) < 2:
-        return Claim(statement, None, "not measured: fewer than two separated epochs with a finite smoothed margin")
-    prev, cur = values[:-1], values[1:]
-    drops = cur < prev
-    if not drops.any():
-        return Claim(statement, True, f"no decrease over {len(values) - 1} epoch steps after separation "
-                                      f"({values[0]:.4g} → {values[-1]:.4g}).")
-    largest = float(np.max((prev[drops] - cur[drops]) / np.abs(prev[drops])))
-    count = int(drops.sum())
-    return Claim(statement, False, f"{count} decrease{'s' * (count != 1)} over {len(values) - 1} epoch steps after "
-                                   f"separation; the largest was {largest:.3g} relative "
-                                   f"({values[0]:.4g} → {values[-1]:.4g} overall). The theorem covers gradient "
-                                   f"flow and small-step gradient descent; SGD steps may dip.")
-
-
-def _value_at(metrics: pd.DataFrame, column: str, limit: float) -> float:
-    """log10 loss of the last row whose `column` is at most `limit`."""
-    rows = metrics[metrics[column] <= limit]
-    return float(rows["log10_loss"].iloc[-1]) if len(rows) else math.nan
-
-
-def schedule_claim(runs: dict[str, tuple[str, pd.DataFrame]]) -> Claim:
-    """Compare the loss-based run with the constant-LR run at equal epochs and equal gradient evaluations."""
-    statement = "Loss-based training decreases the loss exponentially faster than a constant learning rate."
-    by_schedule: dict[str, tuple[str, pd.DataFrame]] = {}
-    for label, (schedule, metrics) in runs.items():
-        by_schedule.setdefault(schedule, (label, metrics))
-    if "loss-based" not in by_schedule or "constant" not in by_schedule:
-        missing = "constant" if "constant" not in by_schedule else "loss-based"
-        return Claim(statement, None, f"not measured: no {missing}-schedule run (add a companion under "
-                                      f"RUN/companions/)")
-    (_, fast), (_, slow) = by_schedule["loss-based"], by_schedule["constant"]
-    parts, ahead = [], []
-    for column, what in (("epoch", "epochs"), ("grad_evals", "gradient evaluations")):
-        if column not in fast or column not in slow or fast[column].isna().all() or slow[column].isna().all():
-            continue
-        limit = min(fast[column].max(), slow[column].max())
-        lf, ls = _value_at(fast, column, limit), _value_at(slow, column, limit)
-        ahead.append(lf <= DECADES_FACTOR * ls if ls < 0 else lf < ls)
-        parts.append(f"after {limit:.4g} {what}: loss-based 10^{lf:.1f}, constant 10^{ls:.1f}")
-    held = bool(ahead) and all(ahead)
-    return Claim(statement, held, "; ".join(parts) + f" (criterion: at least {DECADES_FACTOR:g}× the decades of "
-                                                      f"loss at equal epochs and at equal gradient evaluations).")
-
-
-def robustness_claim(mvr: pd.DataFrame) -> Claim:
-    statement = "Robust accuracy rises from the first to the last checkpoint at medium and large ε, train and test."
-    columns = ["robust_acc_medium", "robust_acc_large"]
-    if not all(c in mvr for c in columns) or mvr[columns].isna().all().all():
-        return Claim(statement, None, "not measured: no attack distances (run `robustmargin attack`)")
-    parts, rising = [], []
-    for split, part in mvr.sort_values("epoch", kind="stable").groupby("split", sort=False):
-        if part["checkpoint"].nunique() < 2:
-            continue
-        first, last = part.iloc[0], part.iloc[-1]
-        for size in ("medium", "large"):
-            a, b = first[f"robust_acc_{size}"], last[f"robust_acc_{size}"]
-            if pd.isna(a) or pd.isna(b):  # this split was not attacked at one of the two checkpoints
-                continue
-            rising.append(bool(b > a))
-            parts.append(f"{split} ε={first[f'eps_{size}']:.3g}: {100 * a:.1f} % → {100 * b:.1f} %")
-    if not rising:
-        return Claim(statement, None, "not measured: fewer than two attacked checkpoints")
-    first_name, last_name = mvr.sort_values("epoch").iloc[[0, -1]]["checkpoint"]
-    return Claim(statement, all(rising), f"{first_name} → {last_name}: " + "; ".join(parts) + ".")
-
-
-def clean_accuracy_claim(t1: pd.DataFrame) -> Claim:
-    statement = "Clean test accuracy barely changes across checkpoints."
-    acc = t1["test_acc"].dropna()
-    if len(acc) < 2:
-        return Claim(statement, None, "not measured: fewer than two checkpoints")
-    spread = float(acc.max() - acc.min())
-    return Claim(statement, spread <= TEST_ACC_TOLERANCE,
-                 f"test accuracy ranged {100 * acc.min():.2f} %–{100 * acc.max():.2f} % "
-                 f"({100 * spread:.2f} points; tolerance {100 * TEST_ACC_TOLERANCE:g} point) over {len(acc)} "
-                 f"checkpoints.")
-
-
-def paper_claims(metrics: pd.DataFrame, tables: dict[str, pd.DataFrame],
-                 runs: dict[str, tuple[str, pd.DataFrame]]) -> list[Claim]:
-    return [margin_growth_claim(metrics), smoothed_monotone_claim(metrics), schedule_claim(runs),
-            robustness_claim(tables["margin_vs_robustness"]), clean_accuracy_claim(tables["table1"])]
+SPREAD_DOUBT = 1.05  # attacks disagreeing by more than 5 % on a point: its distance is the least certain
 
 
 # ----------------------------------------------------------------------------- reading
-
-def read_runs(run_dir: Path, metrics: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
-    """This run and its companions (RUN/companions/NAME/), keyed by a legend label, with their schedules."""
-    schedule = load_config(run_dir / "config.toml").train.schedule
-    runs = {f"{schedule} (this run)": (schedule, metrics)}
-    folder = run_dir / "companions"
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if (sub / "config.toml").is_file() and (sub / "metrics.csv").is_file():
-            other = load_config(sub / "config.toml").train.schedule
-            label = other if sub.name == other else f"{other} ({sub.name})"
-            runs[label] = (other, read_metrics(sub))
-    return runs
-
 
 def read_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     folder = run_dir / "tables"
@@ -168,8 +32,20 @@ def read_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     if missing:
         raise UserError(f"{folder} lacks {', '.join(n + '.csv' for n in missing)}; "
                         f"run `robustmargin analyze --run {run_dir}` first")
-    names = REQUIRED_TABLES + (("margins",) if (folder / "margins.csv").is_file() else ())
+    names = REQUIRED_TABLES + tuple(n for n in ("margins", "claims") if (folder / f"{n}.csv").is_file())
     return {n: read_csv_checked(folder / f"{n}.csv") for n in names}
+
+
+def attack_doubt(points: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint and split: points attacked, points where an attack succeeded, and points whose attacks
+    disagree by more than 5 % (spread above SPREAD_DOUBT): the distances the curves are least sure of."""
+    spread = points["spread"].astype(float)
+    frame = points.assign(succeeded=spread.notna(), doubtful=spread > SPREAD_DOUBT)
+    out = (frame.groupby(["checkpoint", "split"], sort=False)
+           .agg(points=("index", "size"), succeeded=("succeeded", "sum"), spread_above_5pct=("doubtful", "sum"))
+           .reset_index())
+    out["max_spread"] = frame.groupby(["checkpoint", "split"], sort=False)["spread"].max().to_numpy()
+    return out
 
 
 def stale_inputs(run_dir: Path) -> list[str]:
@@ -202,6 +78,9 @@ def build_figures(run_dir: Path, metrics: pd.DataFrame, tables: dict[str, pd.Dat
         "margin_distribution": lambda: (figures.margin_distribution_figure(tables["margins"], order)
                                         if "margins" in tables else None),
         "kkt": lambda: figures.kkt_figure(kkt) if (kkt["eps"] > 0).any() else None,
+        "trends": lambda: (figures.trends_figure(tables["table1"], tables["lipschitz"], kkt,
+                                                 tables["margin_vs_robustness"])
+                           if len(tables["table1"]) >= 2 else None),
     }
     if metrics is None:  # an external model has no training history
         builders = {k: v for k, v in builders.items() if k not in TRAINING_FIGURES}
@@ -224,6 +103,9 @@ CAPTIONS = {
                             "and robust accuracy under the attacks (solid, an upper bound), on a log ε axis.",
     "margin_distribution": "Distribution of per-sample layer-wise normalized margins per checkpoint.",
     "kkt": "KKT residuals of the max-margin problem per checkpoint (both go to 0 at a KKT point).",
+    "trends": "Per checkpoint against its training loss (log10; training proceeds to the right): normalized "
+              "margins, the Lipschitz product ∏σ_i and the parameter-norm product ∏ρ_i^a_i, KKT residuals, "
+              "and the median attack distance per split (where attacked).",
 }
 
 
@@ -238,7 +120,7 @@ th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 .claims td, .claims th { text-align: left; vertical-align: top; }
 .claims td:nth-child(2) { white-space: nowrap; }
 .held { color: #11772d; font-weight: bold; } .failed { color: #b3261e; font-weight: bold; }
-.na { color: #777; font-weight: bold; }
+.na { color: #777; font-weight: bold; } .unsure { color: #a05a00; font-weight: bold; }
 .warn { background: #fff4d6; border: 1px solid #e0b84c; padding: 0.5em 1em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
@@ -253,14 +135,42 @@ def _table_html(frame: pd.DataFrame, table_id: str) -> str:
     return f"<div class='scroll'>{table}</div>"  # wide tables scroll instead of widening the page
 
 
-def _claims_html(claims: list[Claim]) -> str:
+VERDICT_CLASS = {"held": "held", "did not hold": "failed", "inconclusive": "unsure", "not measured": "na"}
+
+
+def _number(v) -> str:
+    return "" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def _claims_html(claims: pd.DataFrame) -> str:
+    """tables/claims.csv: each claim's statement once, then one line per split and statistic."""
     rows = []
-    for c in claims:
-        verdict, cls = {True: ("held", "held"), False: ("did not hold", "failed"), None: ("not measured", "na")}[c.held]
-        rows.append(f"<tr><td>{html.escape(c.statement)}</td><td class='{cls}'>{verdict}</td>"
-                    f"<td>{html.escape(c.detail)}</td></tr>")
-    return ("<table class='claims' id='claims'><tr><th>claim (Lyu &amp; Li, 2020)</th><th>verdict</th>"
-            "<th>this run's numbers</th></tr>" + "".join(rows) + "</table>")
+    for claim, part in claims.groupby("claim", sort=False):
+        rows.append(f"<tr><th colspan='8'>{html.escape(claim)}: {html.escape(CLAIMS.get(claim, ''))}</th></tr>")
+        for r in part.itertuples(index=False):
+            ci = "" if _number(r.ci_low) == "" else f"[{_number(r.ci_low)}, {_number(r.ci_high)}]"
+            rows.append(f"<tr><td class='{VERDICT_CLASS.get(r.verdict, 'na')}'>{html.escape(str(r.verdict))}</td>"
+                        f"<td>{html.escape(str(r.statistic))}</td><td>{_number(r.estimate)}</td><td>{ci}</td>"
+                        f"<td>{_number(r.p_value)}</td><td>{_number(r.n)}</td>"
+                        f"<td>{html.escape(str(r.detail))}</td></tr>")
+    return ("<table class='claims' id='claims'><tr><th>verdict</th><th>statistic</th><th>estimate</th>"
+            "<th>95 % interval</th><th>p</th><th>n</th><th>this run's numbers</th></tr>" + "".join(rows)
+            + "</table>")
+
+
+def _attacks_html(settings: str | None, doubt: pd.DataFrame | None) -> list[str]:
+    if settings is None and doubt is None:
+        return []
+    parts = ["<h2>Attacks</h2>"]
+    if settings is not None:
+        parts.append(f"<p id='attack-settings'>Settings used: {html.escape(settings)}.</p>")
+    if doubt is not None:
+        total, above = int(doubt["succeeded"].sum()), int(doubt["spread_above_5pct"].sum())
+        parts.append(f"<p class='desc'>{above} of {total} points with a successful attack have a spread (largest "
+                     f"over smallest distance among the attacks that succeeded) above 5 %: their distances are "
+                     f"the least certain.</p>")
+        parts.append(_table_html(doubt, "table-spread"))
+    return parts
 
 
 def _image_html(name: str, path: Path) -> str:
@@ -270,15 +180,17 @@ def _image_html(name: str, path: Path) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def render_html(run_dir: Path, config_text: str, claims: list[Claim], tables: dict[str, pd.DataFrame],
-                figure_paths: dict[str, Path], warnings: list[str]) -> str:
+def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, tables: dict[str, pd.DataFrame],
+                figure_paths: dict[str, Path], warnings: list[str], attacks: list[str] = ()) -> str:
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>robustmargin report: "
              f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
              f"<h1>robustmargin report</h1><p class='sub'>run <code>{html.escape(str(run_dir))}</code>, "
              f"written {now}</p>"]
     parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in warnings]
-    parts += ["<h2>Paper claims</h2>", _claims_html(claims)] if claims else []
+    parts += ["<h2>Paper claims</h2>", f"<p class='desc'>{html.escape(describe('claims', claims))}</p>",
+              _claims_html(claims)] if claims is not None else []
+    parts += list(attacks)
     parts += ["<h2>Tables</h2>"]
     for name in REQUIRED_TABLES:
         parts += [f"<h3>{name}</h3><p class='desc'>{html.escape(describe(name, tables[name]))}</p>",
@@ -300,7 +212,17 @@ def write_report(run_dir: str | Path) -> Path:
     warnings = [f"{p} is newer than the tables; rerun `robustmargin analyze` to refresh them"
                 for p in stale_inputs(run_dir)]
     warnings += [EXTERNAL_NOTE, *read_notes(run_dir)] if external else []
-    claims = [] if external else paper_claims(metrics, tables, runs)
+    claims = None if external else tables.get("claims")
+    if claims is None and not external:
+        warnings.append(f"tables/claims.csv is missing; rerun `robustmargin analyze --run {run_dir}` for the "
+                        f"paper's claims")
+    from robustmargin.robustness import describe_settings, read_settings
+
+    settings = read_settings(run_dir)
+    points = read_points(run_dir, read_distances(run_dir))
+    attacks = _attacks_html(describe_settings(settings) if settings else None,
+                            attack_doubt(points) if points is not None and len(points) else None)
     figure_paths = build_figures(run_dir, metrics, tables, runs)
-    page = render_html(run_dir, (run_dir / "config.toml").read_text(), claims, tables, figure_paths, warnings)
+    page = render_html(run_dir, (run_dir / "config.toml").read_text(), claims, tables, figure_paths, warnings,
+                       attacks)
     return atomic_write_text(run_dir / "report.html", page)

@@ -19,11 +19,21 @@ def _say(quiet: bool, message: str) -> None:
         print(f"[reproduce] {message}", file=sys.stderr, flush=True)
 
 
+def _ends(run_dir: Path) -> list[str]:
+    """The first and the last checkpoint by epoch (one name if there is only one)."""
+    from robustmargin.checkpoints import read_index
+
+    names = list(read_index(run_dir).sort_values("epoch", kind="stable")["name"])
+    return list(dict.fromkeys([names[0], names[-1]]))
+
+
 def reproduce(cfg: Config, out: str | Path, *, companions: tuple[str, ...] | None = None,
-              companion_seconds: float = 45.0, n: int = 100, device: str = "cpu",
-              quiet: bool = True) -> dict[str, float]:
+              companion_seconds: float = 45.0, n: int = 500, every_checkpoint: bool = False,
+              device: str = "cpu", quiet: bool = True) -> dict[str, float]:
     """Run every stage into `out`; companion runs (same config, other schedule, time-boxed) go to
-    out/companions/SCHEDULE. Returns the wall time of each stage in seconds."""
+    out/companions/SCHEDULE. The attack covers the first and the last checkpoint (the pair the robustness
+    claim compares, so `n` can be large enough for a decisive interval), or every one if `every_checkpoint`.
+    Returns the wall time of each stage in seconds."""
     out = Path(out)
     if companions is None:
         companions = tuple(s for s in SCHEDULES if s != cfg.train.schedule)
@@ -43,7 +53,8 @@ def reproduce(cfg: Config, out: str | Path, *, companions: tuple[str, ...] | Non
                                                                      max_seconds=budget))
         stage(f"train {schedule}", lambda c=companion, s=schedule: train(c, out / "companions" / s,
                                                                          resume=True, quiet=True))
-    stage("attack", lambda: evaluate_run(out, n=n, device=device, progress=not quiet))
+    stage("attack", lambda: evaluate_run(out, n=n, device=device, progress=not quiet,
+                                         checkpoints=None if every_checkpoint else _ends(out)))
     stage("analyze", lambda: analyze_run(out, device=device, progress=not quiet))
     stage("report", lambda: write_report(out))
     _say(quiet, f"report: {out / 'report.html'}")

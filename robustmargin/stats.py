@@ -23,3 +23,48 @@ def bootstrap_interval(statistic: Callable[..., float], *samples: np.ndarray, n_
     tail = (1 - level) / 2
     low, high = np.nanquantile(draws, [tail, 1 - tail])
     return estimate, float(low), float(high)
+
+
+HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
+
+
+def interval_verdict(low: float, high: float, *, above: float = 0.0) -> str:
+    """A one-sided question answered by an interval: `held` when it lies wholly above `above`,
+    `did not hold` when wholly below, `inconclusive` when it straddles it (or is undefined)."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return INCONCLUSIVE
+    if low > above:
+        return HELD
+    if high < above:
+        return NOT_HELD
+    return INCONCLUSIVE
+
+
+def equivalence_verdict(low: float, high: float, *, tolerance: float) -> str:
+    """`held` when the interval lies within ±tolerance, `did not hold` when it lies wholly outside,
+    `inconclusive` otherwise: "barely changes" needs the interval, not the estimate, to be small."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return INCONCLUSIVE
+    if -tolerance <= low and high <= tolerance:
+        return HELD
+    if low > tolerance or high < -tolerance:
+        return NOT_HELD
+    return INCONCLUSIVE
+
+
+def paired_mean_change(before: np.ndarray, after: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """mean(after) − mean(before) over the same items, with a paired bootstrap interval."""
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return bootstrap_interval(np.mean, diff, n_boot=n_boot, level=level, seed=seed)
+
+
+def signed_rank_p(values: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value that `values` are centred on 0 (NaN when all are 0 or
+    fewer than two are given)."""
+    from scipy.stats import wilcoxon
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or not np.any(values != 0):
+        return float("nan")
+    return float(wilcoxon(values).pvalue)

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustmargin import report
+from robustmargin import analysis, report
+from robustmargin.robustness import point_summary
 from robustmargin.cli import main as cli_main
 from robustmargin.config import Config
 
@@ -36,39 +37,6 @@ def crafted_metrics(*, separate_at: int = 5, margin_slope: float = 0.01, dips: t
         "smoothed_normalized_margin": smoothed, "grad_evals": evals_per_epoch * EPOCHS})
 
 
-def test_margin_growth_claim():
-    assert report.margin_growth_claim(crafted_metrics()).held is True
-    shrinking = report.margin_growth_claim(crafted_metrics(margin_slope=-0.01, separate_at=0))
-    assert shrinking.held is False and "epoch 0" in shrinking.detail and "epoch 20" in shrinking.detail
-    never = crafted_metrics(separate_at=99)
-    assert report.margin_growth_claim(never).held is None
-    assert report.smoothed_monotone_claim(never).held is None
-
-
-def test_smoothed_monotone_claim_counts_decreases():
-    assert report.smoothed_monotone_claim(crafted_metrics()).held is True
-    claim = report.smoothed_monotone_claim(crafted_metrics(dips=(8, 12)))
-    assert claim.held is False
-    assert claim.detail.startswith("2 decreases over 15 epoch steps")
-    assert "0.01 relative" in claim.detail
-    # a dip before separation does not count
-    assert report.smoothed_monotone_claim(crafted_metrics(dips=(3,))).held is True
-
-
-def test_schedule_claim():
-    fast, slow = crafted_metrics(loss_per_epoch=-2.0, evals_per_epoch=3), crafted_metrics(loss_per_epoch=-0.25,
-                                                                                         evals_per_epoch=1)
-    claim = report.schedule_claim({"a": ("loss-based", fast), "b": ("constant", slow)})
-    assert claim.held is True
-    # at 20 gradient evaluations the loss-based run is at epoch 6 (10^-12), the constant one at 10^-5
-    assert "after 20 epochs: loss-based 10^-40.0, constant 10^-5.0" in claim.detail
-    assert "after 20 gradient evaluations: loss-based 10^-12.0, constant 10^-5.0" in claim.detail
-    close = crafted_metrics(loss_per_epoch=-0.4, evals_per_epoch=1)
-    assert report.schedule_claim({"a": ("loss-based", close), "b": ("constant", slow)}).held is False
-    absent = report.schedule_claim({"a": ("loss-based", fast)})
-    assert absent.held is None and absent.detail.startswith("not measured")
-
-
 def _mvr(first: float, last: float) -> pd.DataFrame:
     rows = []
     for split in ("train", "test"):
@@ -76,17 +44,6 @@ def _mvr(first: float, last: float) -> pd.DataFrame:
             rows.append({"checkpoint": name, "epoch": epoch, "split": split, "eps_medium": 1.0, "eps_large": 2.0,
                          "robust_acc_medium": acc, "robust_acc_large": acc / 2})
     return pd.DataFrame(rows)
-
-
-def test_robustness_and_accuracy_claims():
-    assert report.robustness_claim(_mvr(0.3, 0.6)).held is True
-    falling = report.robustness_claim(_mvr(0.6, 0.3))
-    assert falling.held is False and "model-1 → final" in falling.detail and "60.0 % → 30.0 %" in falling.detail
-    assert report.robustness_claim(pd.DataFrame({"checkpoint": ["a"], "epoch": [1], "split": ["train"]})).held is None
-    t1 = pd.DataFrame({"test_acc": [0.991, 0.993, 0.992]})
-    ok = report.clean_accuracy_claim(t1)
-    assert ok.held is True and "0.20 points" in ok.detail
-    assert report.clean_accuracy_claim(pd.DataFrame({"test_acc": [0.90, 0.95]})).held is False
 
 
 # ----------------------------------------------------------------------------- a hand-made analyzed run
@@ -139,7 +96,24 @@ def make_analyzed_run(root: Path) -> Path:
     _write(run / "robustness" / "certified.csv", pd.DataFrame(certified))
     _write(run / "robustness" / "curves.csv", pd.DataFrame(curves))
     _write(run / "tables" / "margins.csv", pd.DataFrame(margins))
+    points = point_summary(pd.DataFrame(rows).assign(attack="ddn"))
+    points.loc[points.index[:3], "spread"] = 1.2  # three points whose attacks disagree by more than 5 %
+    _write(run / "robustness" / "points.csv", points)
+    (run / "robustness" / "settings.json").write_text(json.dumps(
+        {"id": "abc123", "points": 40, "attacks": ["ddn", "fmn"], "budget": "fast", "steps": None,
+         "batch_size": 100, "options": {}}))
+    write_claims(run)
     return run
+
+
+def write_claims(run: Path) -> pd.DataFrame:
+    """tables/claims.csv from the files of the hand-made run, as `analyze` computes it."""
+    tables = {n: pd.read_csv(run / "tables" / f"{n}.csv") for n in ("table1", "margins")}
+    metrics = analysis.read_metrics(run)
+    claims = analysis.claims_table(metrics, tables, analysis.read_points(run, analysis.read_distances(run)),
+                                   analysis.read_runs(run, metrics), [1.0, 2.0])
+    _write(run / "tables" / "claims.csv", claims)
+    return claims
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +124,7 @@ def written_report(tmp_path_factory) -> Path:
 
 
 EXPECTED_FIGURES = {"loss", "margins", "accuracy", "robust_accuracy", "certified_vs_attacks", "margin_distribution",
-                    "kkt"}
+                    "kkt", "trends"}
 
 
 def test_report_is_self_contained(written_report):
@@ -164,12 +138,26 @@ def test_report_is_self_contained(written_report):
     for table in ("claims", "table-table1", "table-lipschitz", "table-kkt", "table-margin_vs_robustness"):
         assert f'id="{table}"' in page or f"id='{table}'" in page
     assert "schedule = &quot;loss-based&quot;" in page  # the configuration, escaped
-    assert page.count("class='held'") == 5  # every claim holds on the crafted run
+    claims = pd.read_csv(written_report / "tables" / "claims.csv")
+    verdicts = sum(page.count(f"<td class='{c}'>") for c in report.VERDICT_CLASS.values())
+    assert verdicts == len(claims)  # one line per claims.csv row
 
 
 def test_report_claims_on_crafted_run(written_report):
     page = (written_report / "report.html").read_text()
+    claims = pd.read_csv(written_report / "tables" / "claims.csv")
     assert "after 20 epochs: loss-based 10^-40.0, constant 10^-5.0" in page
+    # the crafted margins grow, the smoothed margin never dips, the constant run is far slower
+    assert set(claims[claims["claim"].isin(["C1", "C2", "C3"])]["verdict"]) == {"held"}
+    c6 = claims[claims["claim"] == "C6"]
+    assert set(c6["detail"].str.split(":").str[0]) == {"train", "test"}
+    assert c6["detail"].str.contains("model-1 → final").all()
+
+
+def test_report_shows_attack_settings_and_spread(written_report):
+    page = (written_report / "report.html").read_text()
+    assert "attacks ddn + fmn (fast budget" in page and "settings abc123" in page
+    assert "3 of 240 points with a successful attack have a spread" in page
 
 
 def _chromium() -> str | None:
@@ -205,7 +193,9 @@ def test_report_renders_in_headless_chromium(written_report, tmp_path):
     assert all(complete and width > 0 for complete, width in images.values()), images
     tables = dict(probe["tables"])
     assert {"claims", "table-table1", "table-lipschitz", "table-kkt", "table-margin_vs_robustness"} <= set(tables)
-    assert tables["claims"] == 6 and tables["table-table1"] == 4  # header + rows
+    claims = pd.read_csv(written_report / "tables" / "claims.csv")
+    assert tables["claims"] == 1 + claims["claim"].nunique() + len(claims)  # header, one per claim, rows
+    assert tables["table-table1"] == 4  # header + rows
 
 
 def test_report_without_robustness(tmp_path):
@@ -215,9 +205,11 @@ def test_report_without_robustness(tmp_path):
     mvr = pd.read_csv(run / "tables" / "margin_vs_robustness.csv")
     mvr.drop(columns=[c for c in mvr if "eps" in c or "robust" in c]).to_csv(
         run / "tables" / "margin_vs_robustness.csv", index=False)
+    write_claims(run)
     report.write_report(run)
     page = (run / "report.html").read_text()
-    assert page.count("class='na'") == 2  # schedule comparison and robustness: not measured
+    assert page.count("<td class='na'>") == 2  # schedule comparison and robustness: not measured
+    assert "<h2>Attacks</h2>" not in page
     assert {p.stem for p in (run / "figures").glob("*.png")} == EXPECTED_FIGURES - {"robust_accuracy",
                                                                                    "certified_vs_attacks"}
 

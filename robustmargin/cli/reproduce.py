@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
     source.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--out", type=Path, help="run directory (default runs/PRESET or runs/CONFIG-NAME)")
     p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--n", type=int, default=100, help="points attacked per split (default 100)")
+    p.add_argument("--n", type=int, default=500, help="points attacked per split (default 500)")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="attack every checkpoint (default: the first and the last, which the claims compare)")
     p.add_argument("--companions", default=None,
                    help="comma-separated schedules trained alongside for the loss comparison "
                         "(default: the schedules other than the preset's; 'none' for none)")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise UserError(f"unknown schedule {unknown[0]!r} in --companions; choose from {', '.join(SCHEDULES)}")
     seconds = reproduce(cfg, out, companions=companions, companion_seconds=args.companion_seconds,
-                        n=args.n, device=cfg.train.device, quiet=args.quiet)
+                        n=args.n, every_checkpoint=args.every_checkpoint, device=cfg.train.device, quiet=args.quiet)
     if not args.quiet:
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     return 0
