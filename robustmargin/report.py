@@ -181,7 +181,8 @@ def _image_html(name: str, path: Path) -> str:
 
 
 def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, tables: dict[str, pd.DataFrame],
-                figure_paths: dict[str, Path], warnings: list[str], attacks: list[str] = ()) -> str:
+                figure_paths: dict[str, Path], warnings: list[str], attacks: list[str] = (),
+                theory: list[str] = ()) -> str:
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>robustmargin report: "
              f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
@@ -190,7 +191,7 @@ def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, ta
     parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in warnings]
     parts += ["<h2>Paper claims</h2>", f"<p class='desc'>{html.escape(describe('claims', claims))}</p>",
               _claims_html(claims)] if claims is not None else []
-    parts += list(attacks)
+    parts += list(attacks) + list(theory)
     parts += ["<h2>Tables</h2>"]
     for name in REQUIRED_TABLES:
         parts += [f"<h3>{name}</h3><p class='desc'>{html.escape(describe(name, tables[name]))}</p>",
@@ -198,6 +199,20 @@ def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, ta
     parts += ["<h2>Figures</h2>"] + [_image_html(n, p) for n, p in figure_paths.items()]
     parts += ["<h2>Configuration</h2>", f"<pre id='config'>{html.escape(config_text)}</pre>", "</body></html>"]
     return "\n".join(parts)
+
+
+def _theory_html(run_dir: Path) -> list[str]:
+    """The theorem checks that `reproduce` ran next to this run (RUN/theory/), if any."""
+    path = run_dir / "theory" / "theory.csv"
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path)
+    judged = table["passed"].dropna()
+    return ["<h2>Theory checks</h2>",
+            f"<p class='desc'>Each theorem checked on a small case that meets its assumptions (float64 gradient "
+            f"flow): {int((judged.astype(str) == 'True').sum())} of {len(judged)} judged targets met; empty "
+            f"<code>passed</code>: reported only. Figures: <code>theory/theory.html</code>.</p>",
+            _table_html(table, "table-theory")]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -224,5 +239,5 @@ def write_report(run_dir: str | Path) -> Path:
                             attack_doubt(points) if points is not None and len(points) else None)
     figure_paths = build_figures(run_dir, metrics, tables, runs)
     page = render_html(run_dir, (run_dir / "config.toml").read_text(), claims, tables, figure_paths, warnings,
-                       attacks)
+                       attacks, _theory_html(run_dir))
     return atomic_write_text(run_dir / "report.html", page)

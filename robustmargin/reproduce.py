@@ -11,6 +11,7 @@ from robustmargin.analysis import analyze_run
 from robustmargin.config import SCHEDULES, Config
 from robustmargin.report import write_report
 from robustmargin.robustness import evaluate_run
+from robustmargin.theory import run_theory
 from robustmargin.train import train
 
 
@@ -56,6 +57,9 @@ def reproduce(cfg: Config, out: str | Path, *, companions: tuple[str, ...] | Non
     stage("attack", lambda: evaluate_run(out, n=n, device=device, progress=not quiet,
                                          checkpoints=None if every_checkpoint else _ends(out)))
     stage("analyze", lambda: analyze_run(out, device=device, progress=not quiet))
+    # the quick theorem checks, once: they depend on no stage of the run
+    stage("theory", lambda: (out / "theory" / "theory.csv").is_file()
+          or run_theory(out / "theory", quick=True, progress=False))
     stage("report", lambda: write_report(out))
     _say(quiet, f"report: {out / 'report.html'}")
     return seconds

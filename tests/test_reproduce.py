@@ -1,10 +1,24 @@
 """`robustmargin reproduce`: every stage end to end on a tiny run, rerun resumes, bad input."""
 from __future__ import annotations
 
+import importlib
+
 import pandas as pd
 import pytest
 
 from robustmargin.cli.main import main
+
+THEORY_CALLS: list[str] = []
+
+
+def fake_theory(out, *, quick, progress):
+    """Stands in for the quick theorem checks (tests/test_theory.py runs the real ones)."""
+    THEORY_CALLS.append(str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"check": ["linear-svm"], "quantity": ["1 - cos"], "value": [3e-7], "target": ["<= 1e-3"],
+                          "passed": [True]})
+    table.to_csv(out / "theory.csv", index=False)
+    return table
 
 TINY = """
 [data]
@@ -30,8 +44,10 @@ def reproduced(tmp_path_factory):
     out = folder / "run"
     argv = ["reproduce", "--config", str(folder / "tiny.toml"), "--out", str(out), "--n", "10",
             "--companions", "constant", "--companion-seconds", "2", "--quiet"]
-    assert main(argv) == 0
-    return out, argv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("robustmargin.reproduce"), "run_theory", fake_theory)
+        assert main(argv) == 0
+        yield out, argv
 
 
 def test_every_stage_wrote_its_files(reproduced):
@@ -53,6 +69,8 @@ def test_every_stage_wrote_its_files(reproduced):
     assert len(companion) >= 2 and (companion["rollbacks"] == 0).all()
     page = (out / "report.html").read_text()
     assert "constant" in page and page.count("<img") >= 3
+    assert THEORY_CALLS == [str(out / "theory")]
+    assert "Theory checks" in page and "1 of 1 judged targets met" in page and "linear-svm" in page
 
 
 def test_rerun_resumes_without_redoing(reproduced):
@@ -63,6 +81,7 @@ def test_rerun_resumes_without_redoing(reproduced):
     assert (out / "metrics.csv").read_text() == metrics  # the finished run is not trained again
     after = {p: p.stat().st_mtime_ns for p in (out / "robustness" / "parts").rglob("*") if p.is_file()}
     assert before and after == before  # no attack batch was redone
+    assert len(THEORY_CALLS) == 1  # nor the theory checks
 
 
 def test_unknown_companion_is_one_line_exit_2(tmp_path, capsys):
