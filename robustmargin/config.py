@@ -189,15 +189,18 @@ def _parse_toml(text: str, source: str) -> Config:
     return config_from_dict(raw)
 
 
-def load_config(path: str | Path) -> Config:
-    path = Path(path)
+def read_text_file(path: str | Path, what: str = "config") -> str:
+    """The UTF-8 text of a configuration file; an unreadable or binary file is a one-line UserError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
     except UnicodeDecodeError:
-        raise UserError(f"config {path} is not UTF-8 text") from None
-    return _parse_toml(text, str(path))
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+
+
+def load_config(path: str | Path) -> Config:
+    return _parse_toml(read_text_file(path), str(path))
 
 
 def preset_names() -> list[str]:

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 import tomli_w
 
 from robustmargin import distributed
-from robustmargin.config import Config, config_from_dict, load_preset, with_overrides
+from robustmargin.config import Config, config_from_dict, load_preset, read_text_file, with_overrides
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
 from robustmargin.status import STAGES, is_run, run_status
@@ -121,14 +121,7 @@ def parse_sweep(text: str, source: str = "sweep config") -> Sweep:
 
 
 def read_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read sweep config {path}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"sweep config {path} is not UTF-8 text") from None
-    return parse_sweep(text, str(path))
+    return parse_sweep(read_text_file(path, "sweep config"), str(path))
 
 
 def check_stages(stages: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

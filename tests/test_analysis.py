@@ -16,6 +16,7 @@ from robustmargin.analysis import InvariantError, analyze_run
 from robustmargin.checkpoints import record_checkpoint
 from robustmargin.config import Config
 from robustmargin.models import ModelSpec, build_model
+from crafted import crafted_metrics
 
 SPEC = ModelSpec(name="mlp", bias="none", hidden=(12,), in_channels=1, image_size=6, num_classes=3)
 STEPS = {"init": 0, "mid": 40, "final": 400}  # checkpoint name -> full-batch SGD steps (epoch = position)
@@ -283,21 +284,6 @@ def test_claims_table_written_by_analyze(analyzed):
     assert (run / "tables" / "claims.md").read_text().startswith("# claims")
 
 
-EPOCHS = np.arange(0, 21)
-
-
-def crafted_metrics(*, separate_at: int = 5, margin_slope: float = 0.01, dips: tuple[int, ...] = (),
-                    loss_per_epoch: float = -2.0, evals_per_epoch: int = 3) -> pd.DataFrame:
-    """Metrics whose claims hold or fail as constructed: margins grow linearly after `separate_at`, the
-    smoothed margin sits just below and dips by 1 % at the epochs in `dips`."""
-    margin = -0.05 + margin_slope * EPOCHS
-    smoothed = margin - 0.001
-    for e in dips:
-        smoothed[e] = smoothed[e - 1] * 0.99
-    return pd.DataFrame({
-        "epoch": EPOCHS, "log10_loss": loss_per_epoch * EPOCHS, "train_acc": np.where(EPOCHS >= separate_at, 1.0, 0.9),
-        "test_acc": 0.95, "normalized_margin": margin, "normalized_margin_layerwise": 10 * margin,
-        "smoothed_normalized_margin": smoothed, "grad_evals": evals_per_epoch * EPOCHS})
 
 
 def _verdict(rows: list[dict]) -> str:
