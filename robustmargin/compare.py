@@ -9,7 +9,6 @@ default). Evaluated user models (external runs) have no training history and are
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
 import math
@@ -241,21 +240,9 @@ def robust_accuracy_figure(curves: pd.DataFrame, rows: pd.DataFrame, keys: Seque
     return fig
 
 
-def _table_html(frame: pd.DataFrame, table_id: str) -> str:
-    def number(v: float) -> str:
-        return "" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
-    table = frame.to_html(index=False, border=0, na_rep="", float_format=number, table_id=table_id)
-    return f"<div class='scroll'>{table}</div>"
-
-
-def _image_html(name: str, path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure id='fig-{name}'><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'></figure>"
-
-
 def render_html(title: str, rows: pd.DataFrame, corr: pd.DataFrame, figure_paths: dict[str, Path],
                 notes: list[str], sweep_text: str | None) -> str:
-    from robustmargin.report import STYLE
+    from robustmargin.report import STYLE, image_html, table_html
 
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>robustmargin compare: "
@@ -264,9 +251,9 @@ def render_html(title: str, rows: pd.DataFrame, corr: pd.DataFrame, figure_paths
              f"{rows['run'].nunique()} runs, written {now}</p>"]
     parts += [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
     parts += ["<h2>Correlations</h2>", f"<p class='desc'>{html.escape(CORRELATION_DESCRIPTION)}</p>",
-              _table_html(corr, "table-correlations"),
-              "<h2>Figures</h2>", *[_image_html(n, p) for n, p in figure_paths.items()],
-              "<h2>Runs</h2>", f"<p class='desc'>{html.escape(DESCRIPTION)}</p>", _table_html(rows, "table-compare")]
+              table_html(corr, "table-correlations"),
+              "<h2>Figures</h2>", *[image_html(n, p) for n, p in figure_paths.items()],
+              "<h2>Runs</h2>", f"<p class='desc'>{html.escape(DESCRIPTION)}</p>", table_html(rows, "table-compare")]
     if sweep_text is not None:
         parts += ["<h2>Sweep</h2>", f"<pre id='sweep'>{html.escape(sweep_text)}</pre>"]
     return "\n".join(parts + ["</body></html>"])

@@ -128,7 +128,7 @@ figure { margin: 1em 0 2em; } figure img { max-width: 100%; } figcaption { color
 """
 
 
-def _table_html(frame: pd.DataFrame, table_id: str) -> str:
+def table_html(frame: pd.DataFrame, table_id: str) -> str:
     def number(v: float) -> str:
         return "" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
     table = frame.to_html(index=False, border=0, na_rep="", float_format=number, table_id=table_id, classes="data")
@@ -169,15 +169,15 @@ def _attacks_html(settings: str | None, doubt: pd.DataFrame | None) -> list[str]
         parts.append(f"<p class='desc'>{above} of {total} points with a successful attack have a spread (largest "
                      f"over smallest distance among the attacks that succeeded) above 5 %: their distances are "
                      f"the least certain.</p>")
-        parts.append(_table_html(doubt, "table-spread"))
+        parts.append(table_html(doubt, "table-spread"))
     return parts
 
 
-def _image_html(name: str, path: Path) -> str:
+def image_html(name: str, path: Path, caption: str | None = None) -> str:
+    """A PNG inlined as base64, so the page is one self-contained file."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    caption = html.escape(CAPTIONS.get(name, name))
-    return (f"<figure id='fig-{name}'><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{caption}</figcaption></figure>")
+    below = "" if caption is None else f"<figcaption>{html.escape(caption)}</figcaption>"
+    return f"<figure id='fig-{name}'><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>{below}</figure>"
 
 
 def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, tables: dict[str, pd.DataFrame],
@@ -195,8 +195,8 @@ def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, ta
     parts += ["<h2>Tables</h2>"]
     for name in REQUIRED_TABLES:
         parts += [f"<h3>{name}</h3><p class='desc'>{html.escape(describe(name, tables[name]))}</p>",
-                  _table_html(tables[name], f"table-{name}")]
-    parts += ["<h2>Figures</h2>"] + [_image_html(n, p) for n, p in figure_paths.items()]
+                  table_html(tables[name], f"table-{name}")]
+    parts += ["<h2>Figures</h2>"] + [image_html(n, p, CAPTIONS.get(n, n)) for n, p in figure_paths.items()]
     parts += ["<h2>Configuration</h2>", f"<pre id='config'>{html.escape(config_text)}</pre>", "</body></html>"]
     return "\n".join(parts)
 
@@ -212,7 +212,7 @@ def _theory_html(run_dir: Path) -> list[str]:
             f"<p class='desc'>Each theorem checked on a small case that meets its assumptions (float64 gradient "
             f"flow): {int((judged.astype(str) == 'True').sum())} of {len(judged)} judged targets met; empty "
             f"<code>passed</code>: reported only. Figures: <code>theory/theory.html</code>.</p>",
-            _table_html(table, "table-theory")]
+            table_html(table, "table-theory")]
 
 
 def write_report(run_dir: str | Path) -> Path:

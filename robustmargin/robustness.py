@@ -136,10 +136,6 @@ def resolve_attacks(names: Sequence[str] | str, budget: str = "fast") -> list[st
     return out
 
 
-def _options(name: str, budget: str, steps: int | None) -> dict[str, Any]:
-    return budget_options(name, budget, steps=steps)
-
-
 def _digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -160,7 +156,7 @@ class AttackSettings:
     def make(cls, *, points: int, attacks: Sequence[str] | str, budget: str, steps: int | None,
              batch_size: int) -> "AttackSettings":
         names = tuple(resolve_attacks(attacks, budget))
-        return cls(points, names, budget, steps, batch_size, {a: _options(a, budget, steps) for a in names})
+        return cls(points, names, budget, steps, batch_size, {a: budget_options(a, budget, steps=steps) for a in names})
 
     @property
     def id(self) -> str:
