@@ -4,7 +4,7 @@ The public API is a handful of names; everything else lives in the submodules.
 """
 from robustmargin.checkpoints import load_checkpoint
 from robustmargin.config import Config, load_config, load_preset
-from robustmargin.data import load_split
+from robustmargin.rundir import load_split
 from robustmargin.errors import UserError
 from robustmargin.train import train
 

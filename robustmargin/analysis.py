@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
+from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run, read_csv
 from robustmargin.stats import (HELD, INCONCLUSIVE, NOT_HELD, bootstrap_interval, equivalence_verdict,
                                 interval_verdict, paired_mean_change, signed_rank_p)
 
@@ -86,53 +87,11 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- reading the run directory
+# ----------------------------------------------------------------------------- reading files
 
 def read_csv_checked(path: Path, columns: tuple[str, ...] = (), *, required: bool = True) -> pd.DataFrame | None:
     """A CSV with the given columns; a missing (when required), unreadable or incomplete file is a UserError."""
-    if not path.is_file():
-        if required:
-            raise UserError(f"missing {path}")
-        return None
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a readable CSV ({type(err).__name__})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} lacks columns {', '.join(missing)}")
-    return frame
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not (run_dir / "config.toml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.toml)")
-    return run_dir
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    frame = read_csv_checked(Path(run_dir) / "metrics.csv", METRIC_COLUMNS, required=True)
-    if frame.empty:
-        raise UserError(f"{Path(run_dir) / 'metrics.csv'} has no rows; train first")
-    return frame
-
-
-def read_distances(run_dir: str | Path) -> pd.DataFrame | None:
-    """robustness/distances.csv, or None when no attack has run; distances parse 'inf' as float."""
-    frame = read_csv_checked(Path(run_dir) / "robustness" / "distances.csv", DISTANCE_COLUMNS, required=False)
-    if frame is not None:
-        try:
-            frame["distance"] = frame["distance"].astype(float)
-        except ValueError:
-            raise UserError("robustness/distances.csv has a distance that is not a number") from None
-    return frame
-
-
-def read_curves(run_dir: str | Path) -> pd.DataFrame | None:
-    return read_csv_checked(Path(run_dir) / "robustness" / "curves.csv", CURVE_COLUMNS, required=False)
+    return read_csv(path, columns, required=required)
 
 
 # ----------------------------------------------------------------------------- invariants
@@ -171,6 +130,49 @@ class SplitStats:
 
 
 @dataclass
+class Applies:
+    """What the analysis can say about one model: a chain of layers for the Lipschitz bound (None: left out),
+    whether it certifies radii, the homogeneity order (None: not homogeneous), and why anything is left out."""
+
+    net: torch.nn.Module | None
+    certifiable: bool
+    order: int | None
+    homogeneous: bool
+    notes: list[str]
+
+
+def what_applies(model: torch.nn.Module, x_probe: torch.Tensor) -> Applies:
+    """For a robustmargin network, its declared structure; for any other module, what tracing and a numerical
+    homogeneity test find (robustmargin.usermodel)."""
+    from robustmargin import lipschitz
+    from robustmargin.models import HomogeneousNet
+    from robustmargin.usermodel import homogeneity_order, traced_net
+
+    notes = []
+    if isinstance(model, HomogeneousNet):
+        try:  # the product bound needs 1-Lipschitz maps between layers (squared ReLU is not)
+            lipschitz.check_one_lipschitz_between_layers(model)
+            certifiable = True
+        except UserError:
+            certifiable = False
+            notes.append("certified radii skipped: the activation is not 1-Lipschitz")
+        return Applies(model, certifiable, model.order, model.is_homogeneous, notes)
+    with torch.no_grad():
+        num_classes = model(x_probe[:1]).shape[1]
+    net, why = traced_net(model, x_probe, num_classes)
+    if net is None:
+        notes.append(f"Lipschitz bound and certified radii left out: {why}.")
+    certifiable = net is not None and isinstance(net.body[-1], torch.nn.Linear)
+    if net is not None and not certifiable:
+        notes.append("certified radii left out: they need a network that ends with its Linear last layer.")
+    order = homogeneity_order(model, x_probe)
+    if order is None:
+        notes.append("normalized margins and KKT residuals left out: f(cθ) ≠ c^L f(θ) numerically "
+                     "(the model is not homogeneous in its parameters).")
+    return Applies(net, certifiable, order, order is not None, notes)
+
+
+@dataclass
 class CheckpointStats:
     name: str
     epoch: int
@@ -181,6 +183,8 @@ class CheckpointStats:
     certifiable: bool  # whether ∏σ_i bounds the Lipschitz constant (certified radii exist)
     splits: dict[str, SplitStats]
     kkt: dict | None
+    order: float = math.nan    # homogeneity order L (NaN: not homogeneous)
+    layerwise: bool = True     # whether ∏ρ_i^a_i is the homogeneous norm product (layer orders sum to L)
 
     @property
     def rho(self) -> float:
@@ -188,11 +192,13 @@ class CheckpointStats:
 
     @property
     def rho_product(self) -> float:
+        if not self.layerwise:
+            return math.nan
         return math.exp(sum(a * math.log(r) for r, a in zip(self.rhos, self.orders)))
 
     @property
     def sigma_product(self) -> float:
-        return math.prod(self.sigmas)
+        return math.prod(self.sigmas) if self.sigmas else math.nan
 
 
 @torch.no_grad()
@@ -200,51 +206,65 @@ def _logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -> torch
     return torch.cat([model(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)])
 
 
-def checkpoint_stats(model, name: str, epoch: int, data: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     eval_index: dict[str, np.ndarray], *, loss: str, kkt_k: int) -> CheckpointStats:
+def checkpoint_stats(model, applies: Applies, name: str, epoch: int, data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     eval_index: dict[str, np.ndarray], *, loss: str, kkt_k: int, notes: list[str]) -> CheckpointStats:
     """Everything the tables need from one model, computed with one forward pass per split."""
-    from robustmargin import lipschitz, kkt
+    from robustmargin import kkt, lipschitz
     from robustmargin.losses import log_sum, sample_log_losses
     from robustmargin.margins import sample_margins
+    from robustmargin.usermodel import Homogeneous
 
-    sigmas = [float(s) for s in lipschitz.layer_spectral_norms(model)]
-    try:  # the product bound needs 1-Lipschitz maps between layers (squared ReLU is not)
-        lipschitz.check_one_lipschitz_between_layers(model)
-        certifiable = True
-    except UserError:
-        certifiable = False
+    net = applies.net
+    sigmas = [float(s) for s in lipschitz.layer_spectral_norms(net)] if net is not None else []
     splits = {}
     for split, (x, y) in data.items():
         logits = _logits(model, x)
         idx = eval_index[split]
         radii = None
-        if certifiable:
+        if applies.certifiable:
             at = torch.as_tensor(idx, device=x.device)
-            radii = lipschitz.certified_radii(model, x[at], y[at], sigmas=sigmas).double().cpu().numpy()
+            radii = lipschitz.certified_radii(net, x[at], y[at], sigmas=sigmas).double().cpu().numpy()
             radii = np.clip(radii, 0.0, None)  # misclassified points: radius 0
         splits[split] = SplitStats(margins=sample_margins(logits, y.cpu()).numpy(),
                                    log_sum_loss=float(log_sum(sample_log_losses(logits, y.cpu(), loss))),
                                    eval_index=idx, radii=radii)
-    x, y = data["train"]
-    separated = splits["train"].margins.min() > 0
-    kkt_result = kkt.kkt_residuals(model, x, y, k=kkt_k) if model.is_homogeneous and separated else None
-    layers = lipschitz.layer_table(model, sigmas)
-    return CheckpointStats(name=name, epoch=epoch, kinds=[r["kind"] for r in layers],
-                           orders=[r["order"] for r in layers], rhos=[r["rho"] for r in layers], sigmas=sigmas,
-                           certifiable=certifiable, splits=splits, kkt=kkt_result)
+    kkt_result = None
+    if applies.homogeneous:
+        if "train" not in splits:
+            notes.append("KKT residuals left out: the data has no training split.")
+        elif splits["train"].margins.min() <= 0:
+            notes.append(f"KKT residuals of {name} left out: the model does not classify every training point "
+                         f"correctly.")
+        else:
+            target = model if net is model else Homogeneous(model, applies.order)
+            kkt_result = kkt.kkt_residuals(target, *data["train"], k=kkt_k)
+    if net is not None:
+        layers = lipschitz.layer_table(net, sigmas)
+        kinds, orders, rhos = [r["kind"] for r in layers], [r["order"] for r in layers], [r["rho"] for r in layers]
+    else:  # one group: all parameters
+        params = [p.detach().double().flatten() for p in model.parameters()]
+        kinds, orders = [], [applies.order or 1]
+        rhos = [float(torch.cat(params).norm()) if params else 0.0]
+    order = applies.order if applies.order is not None else math.nan
+    layerwise = net is model or (net is not None and applies.order is not None and applies.order == sum(orders))
+    return CheckpointStats(name=name, epoch=epoch, kinds=kinds, orders=orders, rhos=rhos, sigmas=sigmas,
+                           certifiable=applies.certifiable, splits=splits, kkt=kkt_result, order=order,
+                           layerwise=layerwise)
 
 
 # ----------------------------------------------------------------------------- tables
 
-def table1(metrics: pd.DataFrame, stats: list[CheckpointStats], loss: str, order: int) -> pd.DataFrame:
-    """One row per checkpoint from metrics.csv at its epoch, recomputed from the checkpoint otherwise."""
+def table1(metrics: pd.DataFrame | None, stats: list[CheckpointStats], loss: str) -> pd.DataFrame:
+    """One row per checkpoint from metrics.csv at its epoch, recomputed from the checkpoint otherwise (a
+    user's model has no metrics.csv; without a train split its loss and margins are on the test split)."""
     from robustmargin.margins import smoothed_normalized_margin
 
-    by_epoch = metrics.drop_duplicates("epoch", keep="last").set_index("epoch")
+    by_epoch = (metrics.drop_duplicates("epoch", keep="last").set_index("epoch") if metrics is not None
+                else pd.DataFrame())
     rows = []
     for s in stats:
-        train, test = s.splits["train"], s.splits["test"]
-        q_min = float(train.margins.min())
+        train, test = s.splits.get("train", s.splits["test"]), s.splits["test"]
+        q_min, order = float(train.margins.min()), s.order
         if s.epoch in by_epoch.index:
             m = by_epoch.loc[s.epoch]
             rows.append({"checkpoint": s.name, "epoch": s.epoch, "log10_loss": m["log10_loss"],
@@ -258,9 +278,10 @@ def table1(metrics: pd.DataFrame, stats: list[CheckpointStats], loss: str, order
                          "log10_loss": (train.log_sum_loss - math.log(n)) / math.log(10.0),
                          "normalized_margin": q_min / s.rho ** order,
                          "normalized_margin_layerwise": q_min / s.rho_product,
-                         "smoothed_normalized_margin": smoothed_normalized_margin(train.log_sum_loss, loss,
-                                                                                  s.rho ** order),
-                         "train_acc": float((train.margins > 0).mean()),
+                         "smoothed_normalized_margin": (smoothed_normalized_margin(train.log_sum_loss, loss,
+                                                                                   s.rho ** order)
+                                                        if math.isfinite(order) else math.nan),
+                         "train_acc": float((train.margins > 0).mean()) if "train" in s.splits else math.nan,
                          "test_acc": float((test.margins > 0).mean()), "source": "checkpoint"})
     return pd.DataFrame(rows)
 
@@ -280,7 +301,9 @@ def kkt_table(stats: list[CheckpointStats]) -> pd.DataFrame:
     rows = []
     for s in stats:
         k = s.kkt or {}
-        rows.append({"checkpoint": s.name, "epoch": s.epoch, "q_min": float(s.splits["train"].margins.min()),
+        train = s.splits.get("train")
+        rows.append({"checkpoint": s.name, "epoch": s.epoch,
+                     "q_min": float(train.margins.min()) if train is not None else math.nan,
                      "eps": float(k.get("eps", math.nan)), "delta": float(k.get("delta", math.nan)),
                      "k": int(k["k_used"]) if "k_used" in k else pd.NA})
     return pd.DataFrame(rows).astype({"k": "Int64"})
@@ -308,9 +331,10 @@ def pick_epsilons(best: pd.DataFrame | None) -> dict[str, float]:
 
 
 def margin_vs_robustness(stats: list[CheckpointStats], best: pd.DataFrame | None,
-                         epsilons: dict[str, float], order: int) -> pd.DataFrame:
+                         epsilons: dict[str, float]) -> pd.DataFrame:
     rows = []
     for s in stats:
+        order = s.order
         for split, st in s.splits.items():
             q = st.margins[st.eval_index]
             row = {"checkpoint": s.name, "epoch": s.epoch, "split": split, "n": len(q),
@@ -574,34 +598,6 @@ def claims_table(metrics: pd.DataFrame, tables: dict[str, pd.DataFrame], points:
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS)).astype({"n": "Int64"})
 
 
-def read_points(run_dir: str | Path, distances: pd.DataFrame | None) -> pd.DataFrame | None:
-    """robustness/points.csv (per point: the per-sample minimum and the spread), from distances.csv when
-    the attack stage predates it."""
-    from robustmargin.robustness import POINT_COLUMNS, point_summary
-
-    path = Path(run_dir) / "robustness" / "points.csv"
-    frame = read_csv_checked(path, tuple(POINT_COLUMNS), required=False)
-    if frame is None:
-        return None if distances is None else point_summary(distances)
-    frame["distance"] = frame["distance"].astype(float)
-    return frame
-
-
-def read_runs(run_dir: Path, metrics: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
-    """This run and its companions (RUN/companions/NAME/), keyed by a legend label, with their schedules."""
-    from robustmargin.config import load_config
-
-    schedule = load_config(run_dir / "config.toml").train.schedule
-    runs = {f"{schedule} (this run)": (schedule, metrics)}
-    folder = run_dir / "companions"
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if (sub / "config.toml").is_file() and (sub / "metrics.csv").is_file():
-            other = load_config(sub / "config.toml").train.schedule
-            label = other if sub.name == other else f"{other} ({sub.name})"
-            runs[label] = (other, read_metrics(sub))
-    return runs
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def _eval_indices(distances: pd.DataFrame | None, name: str, split: str, n: int) -> np.ndarray:
@@ -640,86 +636,91 @@ def _check_device(device: str) -> None:
         raise UserError("device cuda asked for, but torch sees no CUDA device")
 
 
-def analyze_run(run_dir: str | Path, *, device: str = "cpu", kkt_k: int = 100, progress: bool = True,
+def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 100, progress: bool = True,
                 write: bool = True) -> Analysis:
-    """Compute every table of a run and (by default) write them under RUN/tables and RUN/robustness."""
-    from robustmargin.checkpoints import load_checkpoint, read_index
-    from robustmargin.data import load_data, run_config
-    from robustmargin.external import analyze_external, is_external
+    """Compute every table of a run and (by default) write them under RUN/tables and RUN/robustness.
 
-    run_dir = check_run_dir(run_dir)
+    Works the same for a trained run and a user's model: what does not apply to the network is left out
+    with a one-line note (tables/notes.txt). Attack results computed on an earlier version of a checkpoint
+    file are refused, never used."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     _check_device(device)
     if kkt_k < 1:
         raise UserError(f"kkt_k must be at least 1, got {kkt_k}")
-    if is_external(run_dir):  # a user's model: no training history, and only some bounds apply
-        return analyze_external(run_dir, device=device, kkt_k=kkt_k, progress=progress, write=write)
-    cfg = run_config(run_dir)
-    metrics = read_metrics(run_dir)
-    index = read_index(run_dir)
-    if index.empty:
-        raise UserError(f"{run_dir / 'checkpoints' / 'index.csv'} lists no checkpoints")
-    distances = read_distances(run_dir)
+    metrics = run.metrics()
+    index = run.checkpoints()
+    results = run.fresh_results()
+    inputs = run.inputs(results)
+    distances = None if results is None else results.distances
     if distances is not None:
         unknown = sorted(set(distances["checkpoint"]) - set(index["name"]))
         if unknown:
             raise UserError(f"robustness/distances.csv names checkpoints not in the index: {', '.join(unknown)}")
     notes: list[str] = []
-    check_smoothed(metrics)
-
-    data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(cfg.data).items()}
+    if metrics is not None:
+        check_smoothed(metrics)
+    data = {s: (x.to(device), y.to(device)) for s, (x, y) in run.data().items() if s in run.splits}
     if distances is not None:
         _check_labels(distances, data)
-    stats, order = [], None
+    if "train" not in data:
+        notes.append("table1's loss and margins are on the test split: the data has no training split.")
+    stats = []
+    x_probe = next(iter(data.values()))[0][:64]
     for row in tqdm(list(index.itertuples(index=False)), desc="analyze", unit="checkpoint", disable=not progress):
-        model, _ = load_checkpoint(run_dir / "checkpoints" / row.file)
-        model = model.to(device).eval()
-        order = model.order
+        model = run.load_model(row.file).to(device).eval()
+        applies = what_applies(model, x_probe)
+        if not stats:
+            notes += applies.notes
         eval_index = {s: _eval_indices(distances, row.name, s, len(data[s][1])) for s in data}
-        stats.append(checkpoint_stats(model, row.name, int(row.epoch), data, eval_index,
-                                      loss=cfg.train.loss, kkt_k=kkt_k))
-    if not stats[0].certifiable:
-        notes.append("certified radii skipped: the activation is not 1-Lipschitz")
+        stats.append(checkpoint_stats(model, applies, row.name, int(row.epoch), data, eval_index,
+                                      loss=run.loss, kkt_k=kkt_k, notes=notes))
+    if not run.has_history and any(s.kkt is not None for s in stats):
+        notes.append("KKT residuals are on this run's train split, which need not be the model's training set.")
 
     certified = certified_table(stats)
     if distances is not None and len(certified):
         check_certified(certified, distances)
     best = best_distances(distances) if distances is not None else None
     epsilons = pick_epsilons(best)
-    tables = {"table1": table1(metrics, stats, cfg.train.loss, order),
+    tables = {"table1": table1(metrics, stats, run.loss),
               "lipschitz": lipschitz_table(stats),
               "kkt": kkt_table(stats),
-              "margin_vs_robustness": margin_vs_robustness(stats, best, epsilons, order),
+              "margin_vs_robustness": margin_vs_robustness(stats, best, epsilons),
               "margins": margins_table(stats)}
-    grid = [e for e in epsilons.values() if math.isfinite(e)]
-    tables["claims"] = claims_table(metrics, tables, read_points(run_dir, distances), read_runs(run_dir, metrics),
-                                    sorted(set(grid)))
-    notes += _consistency_notes(tables["table1"], stats, order)
+    if metrics is not None:
+        grid = [e for e in epsilons.values() if math.isfinite(e)]
+        tables["claims"] = claims_table(metrics, tables, None if results is None else results.points,
+                                        run.companions(), sorted(set(grid)))
+        notes += _consistency_notes(tables["table1"], stats)
     if distances is None:
         notes.append("no robustness/distances.csv: the tables have no attack columns; "
                      "run `robustmargin attack` first")
     result = Analysis(tables=tables, certified=certified, warnings=notes)
     if write:
-        write_tables(run_dir, result)
+        write_tables(run, result)
+        run.write_provenance(inputs)
     return result
 
 
-def _consistency_notes(t1: pd.DataFrame, stats: list[CheckpointStats], order: int) -> list[str]:
+def _consistency_notes(t1: pd.DataFrame, stats: list[CheckpointStats]) -> list[str]:
     """metrics.csv and the checkpoint should agree on the margin; say so when they do not."""
     notes = []
     for row, s in zip(t1.itertuples(index=False), stats):
         if row.source != "metrics":
             continue
-        recomputed = float(s.splits["train"].margins.min()) / s.rho ** order
+        recomputed = float(s.splits["train"].margins.min()) / s.rho ** s.order
         if not math.isclose(recomputed, row.normalized_margin, rel_tol=1e-3, abs_tol=1e-12):
             notes.append(f"checkpoint {s.name}: normalized margin {recomputed:.6g} recomputed from the checkpoint "
                          f"differs from metrics.csv ({row.normalized_margin:.6g})")
     return notes
 
 
-def write_tables(run_dir: str | Path, result: Analysis) -> None:
-    tables_dir = Path(run_dir) / "tables"
+def write_tables(run: Run, result: Analysis) -> None:
+    tables_dir = run.path / TABLES
+    (run.path / PROVENANCE).unlink(missing_ok=True)  # the tables are incomplete until it is written again
     for name, frame in result.tables.items():
         atomic_write_csv(tables_dir / f"{name}.csv", frame)
         if name in DESCRIPTIONS:  # margins.csv is per-sample data, not a table to read
             atomic_write_text(tables_dir / f"{name}.md", to_markdown(frame, name, describe(name, frame)))
-    atomic_write_csv(Path(run_dir) / "robustness" / "certified.csv", result.certified)
+    atomic_write_text(run.path / NOTES, "".join(f"{n}\n" for n in result.warnings))
+    atomic_write_csv(run.path / ROBUSTNESS / "certified.csv", result.certified)

@@ -5,7 +5,8 @@ and writes OUT/compare.csv and .md, correlations.csv (Spearman ρ between each m
 distance over the runs at one loss threshold, with a bootstrap interval), figures and compare.html.
 
 Margins are those of the training set (the paper's); attack numbers are those of one split (test by
-default). Evaluated user models (external runs) have no training history and are left out.
+default). Runs of users' models take part on the columns they have (they have no loss threshold, so no
+correlation row). Tables that no longer match a run's checkpoints or attack results are refused.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pandas as pd
 
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
+from robustmargin.rundir import Run
 
 MARGINS = ("normalized_margin", "normalized_margin_layerwise", "spectral_margin")
 MARGIN_LABELS = {"normalized_margin": r"$q_{\min}/\rho^L$",
@@ -40,37 +42,22 @@ CORRELATION_DESCRIPTION = ("Spearman rank correlation between each margin and th
                            "percentile bootstrap 95 % interval over runs.")
 
 
-def _read(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    from robustmargin.analysis import read_csv_checked
-
-    return read_csv_checked(path, tuple(columns))
-
-
-def _config_values(run_dir: Path) -> dict[str, Any]:
-    """A run's config flattened to dotted keys (lists as text, so they can be compared and shown)."""
-    from robustmargin.data import run_config
-
-    flat = {}
-    for section, table in run_config(run_dir).to_dict().items():
-        for key, value in table.items():
-            flat[f"{section}.{key}"] = " ".join(map(str, value)) if isinstance(value, list) else value
-    return flat
-
-
 def varying_keys(configs: dict[str, dict[str, Any]]) -> list[str]:
     """The config keys whose values differ between runs (the grid of runs that were not a sweep)."""
-    keys = list(next(iter(configs.values()))) if configs else []
+    keys = list(dict.fromkeys(k for c in configs.values() for k in c))
     return [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
 
 
-def run_rows(run_dir: Path, split: str) -> pd.DataFrame:
+def run_rows(run: Run, split: str) -> pd.DataFrame:
     """compare.csv's columns for every checkpoint of one analyzed run (robust accuracy aside)."""
-    t1 = _read(run_dir / "tables" / "table1.csv", ("checkpoint", "epoch", "log10_loss", "normalized_margin",
-                                                   "normalized_margin_layerwise", "train_acc", "test_acc"))
-    lip = _read(run_dir / "tables" / "lipschitz.csv", ("checkpoint", "sigma_product", "rho_product"))
-    mvr = _read(run_dir / "tables" / "margin_vs_robustness.csv", ("checkpoint", "split", "median_radius"))
-    index = _read(run_dir / "checkpoints" / "index.csv", ("name", "threshold_log10"))
+    t1 = run.table("table1", ("checkpoint", "epoch", "log10_loss", "normalized_margin",
+                              "normalized_margin_layerwise", "train_acc", "test_acc"))
+    lip = run.table("lipschitz", ("checkpoint", "sigma_product", "rho_product"))
+    mvr = run.table("margin_vs_robustness", ("checkpoint", "split", "median_radius"))
+    index = run.checkpoints()
     lip = lip.groupby("checkpoint", as_index=False)[["sigma_product", "rho_product"]].first()
+    if lip.empty:  # no traceable chain: no Lipschitz columns
+        lip = pd.DataFrame({"checkpoint": t1["checkpoint"], "sigma_product": math.nan, "rho_product": math.nan})
     mvr = mvr[mvr["split"] == split]
     if "median_distance" not in mvr:
         mvr = mvr.assign(median_distance=math.nan)
@@ -83,12 +70,12 @@ def run_rows(run_dir: Path, split: str) -> pd.DataFrame:
     return rows
 
 
-def best_distances(run_dir: Path, split: str) -> pd.DataFrame | None:
+def best_distances(run: Run, split: str) -> pd.DataFrame | None:
     """Per attacked point of `split`, the smallest distance any attack found."""
-    path = run_dir / "robustness" / "distances.csv"
-    if not path.is_file():
+    results = run.results()
+    if results is None:
         return None
-    frame = _read(path, ("checkpoint", "split", "index", "distance"))
+    frame = results.distances
     frame = frame[frame["split"] == split]
     return frame.groupby(["checkpoint", "index"], as_index=False)["distance"].min()
 
@@ -125,24 +112,20 @@ def gather(runs: Sequence[Path], *, grid: Sequence[str] | None = None, split: st
            epsilons: Sequence[float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(compare rows, robust-accuracy curves, notes) of the runs; runs not analyzed, or external, are left
     out with a note. `grid` names the config keys shown per run (default: the keys that differ)."""
-    from robustmargin.external import is_external
     from robustmargin.robustness import default_epsilons, robust_accuracy_curve
 
     if split not in ("train", "test"):
         raise UserError(f"split must be train or test, got {split!r}")
     notes, kept, configs = [], [], {}
-    for run in runs:
-        run = Path(run)
-        if not (run / "config.toml").is_file():
-            raise UserError(f"{run} is not a run directory (no config.toml)")
-        if is_external(run):
-            notes.append(f"{run.name}: an evaluated user model (no training history); left out")
-        elif not (run / "tables" / "table1.csv").is_file():
-            notes.append(f"{run.name}: not analyzed (no tables/table1.csv); left out")
+    for path in runs:
+        run = Run(path)
+        if run.tables_state()[0] == "missing":
+            notes.append(f"{run.path.name}: not analyzed (no tables); left out")
         else:
+            run.fresh_tables()
             kept.append(run)
-            configs[run.name] = _config_values(run)
-    if len({r.name for r in kept}) < len(kept):
+            configs[run.path.name] = run.config_values()
+    if len({r.path.name for r in kept}) < len(kept):
         raise UserError("two runs share a directory name; compare runs with distinct names")
     if not kept:
         raise UserError("no analyzed runs to compare" + (f" ({'; '.join(notes)})" if notes else ""))
@@ -152,10 +135,10 @@ def gather(runs: Sequence[Path], *, grid: Sequence[str] | None = None, split: st
     for run in kept:
         rows = run_rows(run, split)
         for k in reversed(keys):
-            rows.insert(0, k, configs[run.name].get(k))
-        rows.insert(0, "run", run.name)
+            rows.insert(0, k, configs[run.path.name].get(k))
+        rows.insert(0, "run", run.path.name)
         frames.append(rows)
-        best[run.name] = best_distances(run, split)
+        best[run.path.name] = best_distances(run, split)
     rows = pd.concat(frames, ignore_index=True)
     pooled = [b["distance"].to_numpy() for b in best.values() if b is not None and len(b)]
     curves = []

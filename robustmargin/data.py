@@ -159,19 +159,14 @@ def run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def load_run_data(run_dir: str | Path) -> dict[str, Split]:
-    """Every split the run in `run_dir` has, exactly as it used them, the dataset loaded once."""
-    from robustmargin.external import external_split, is_external, run_splits  # a user model's data
-    if is_external(run_dir):
-        return {split: external_split(run_dir, split) for split in run_splits(run_dir)}
-    return load_data(run_config(run_dir).data)
+def load_dataset(name: str = "mnist5k", *, root: str = "data", download: bool = False, n_train: int = 0,
+                 n_test: int = 0, split_seed: int = 0) -> dict[str, Split]:
+    """{"train": (x, y), "test": (x, y)} of a named dataset, exactly the splits a run with this [data] table
+    uses (stratified, shuffled, disjoint): train a model of your own on them, then attack it with
+    `robustmargin attack --model ... --data NAME`."""
+    from robustmargin.config import DATASETS
 
-
-def load_split(run_dir: str | Path, split: str) -> Split:
-    """Exactly the (x, y) that the run in `run_dir` used for `split` ("train" or "test")."""
-    if split not in ("train", "test"):
-        raise UserError(f"split must be 'train' or 'test', got {split!r}")
-    data = load_run_data(run_dir)
-    if split not in data:
-        raise UserError(f"{run_dir} evaluates an .npz file, which is its test split only")
-    return data[split]
+    if name not in DATASETS:
+        raise UserError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    return load_data(DataConfig(name=name, root=root, download=download, n_train=n_train, n_test=n_test,
+                                split_seed=split_seed))

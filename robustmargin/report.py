@@ -15,10 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from robustmargin import figures
-from robustmargin.analysis import (CLAIMS, best_distances, check_run_dir, describe, read_csv_checked, read_curves,
-                                   read_distances, read_metrics, read_points, read_runs)
-from robustmargin.errors import UserError
+from robustmargin.analysis import CLAIMS, best_distances, describe
 from robustmargin.fileio import atomic_write_text
+from robustmargin.rundir import Results, Run, describe_settings
 
 REQUIRED_TABLES = ("table1", "lipschitz", "kkt", "margin_vs_robustness")
 SPREAD_DOUBT = 1.05  # attacks disagreeing by more than 5 % on a point: its distance is the least certain
@@ -26,14 +25,9 @@ SPREAD_DOUBT = 1.05  # attacks disagreeing by more than 5 % on a point: its dist
 
 # ----------------------------------------------------------------------------- reading
 
-def read_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
-    folder = run_dir / "tables"
-    missing = [n for n in REQUIRED_TABLES if not (folder / f"{n}.csv").is_file()]
-    if missing:
-        raise UserError(f"{folder} lacks {', '.join(n + '.csv' for n in missing)}; "
-                        f"run `robustmargin analyze --run {run_dir}` first")
-    names = REQUIRED_TABLES + tuple(n for n in ("margins", "claims") if (folder / f"{n}.csv").is_file())
-    return {n: read_csv_checked(folder / f"{n}.csv") for n in names}
+def read_tables(run: Run) -> dict[str, pd.DataFrame]:
+    names = REQUIRED_TABLES + tuple(n for n in ("margins", "claims") if (run.path / "tables" / f"{n}.csv").is_file())
+    return {n: run.table(n) for n in names}
 
 
 def attack_doubt(points: pd.DataFrame) -> pd.DataFrame:
@@ -48,24 +42,17 @@ def attack_doubt(points: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def stale_inputs(run_dir: Path) -> list[str]:
-    """Inputs written after the tables: the report would show an out-of-date analysis."""
-    made = (run_dir / "tables" / "table1.csv").stat().st_mtime
-    inputs = [run_dir / "metrics.csv", run_dir / "checkpoints" / "index.csv", run_dir / "robustness" / "distances.csv"]
-    return [str(p.relative_to(run_dir)) for p in inputs if p.is_file() and p.stat().st_mtime > made]
-
-
 # ----------------------------------------------------------------------------- figures
 
-def build_figures(run_dir: Path, metrics: pd.DataFrame, tables: dict[str, pd.DataFrame],
-                  runs: dict[str, tuple[str, pd.DataFrame]]) -> dict[str, Path]:
-    distances, curves = read_distances(run_dir), read_curves(run_dir)
+def build_figures(run: Run, metrics: pd.DataFrame | None, tables: dict[str, pd.DataFrame],
+                  runs: dict[str, tuple[str, pd.DataFrame]], results: Results | None) -> dict[str, Path]:
+    from robustmargin.rundir import read_csv
+
+    distances = None if results is None else results.distances
+    curves = None if results is None else results.curves
     best = best_distances(distances) if distances is not None else None
-    cert_path = run_dir / "robustness" / "certified.csv"
-    certified = read_csv_checked(cert_path, ("checkpoint", "split", "index", "radius"), required=False)
-    if curves is None and distances is not None:  # no curves.csv: draw them from the distances
-        from robustmargin.robustness import curves_frame
-        curves = curves_frame(distances)
+    certified = read_csv(run.path / "robustness" / "certified.csv", ("checkpoint", "split", "index", "radius"),
+                         required=False)
     kkt = tables["kkt"]
     order = list(tables["table1"].sort_values("epoch", kind="stable")["checkpoint"])  # legends in training order
     builders = {
@@ -84,7 +71,7 @@ def build_figures(run_dir: Path, metrics: pd.DataFrame, tables: dict[str, pd.Dat
     }
     if metrics is None:  # an external model has no training history
         builders = {k: v for k, v in builders.items() if k not in TRAINING_FIGURES}
-    return figures.make_figures(run_dir, builders)
+    return figures.make_figures(run.path, builders)
 
 
 TRAINING_FIGURES = ("loss", "margins", "accuracy")
@@ -216,28 +203,23 @@ def _theory_html(run_dir: Path) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Draw RUN/figures/*.png and write RUN/report.html from the files of an analyzed run."""
-    from robustmargin.external import is_external, read_notes
-
-    run_dir = check_run_dir(run_dir)
-    external = is_external(run_dir)
-    metrics = None if external else read_metrics(run_dir)
-    tables = read_tables(run_dir)
-    runs = {} if external else read_runs(run_dir, metrics)
-    warnings = [f"{p} is newer than the tables; rerun `robustmargin analyze` to refresh them"
-                for p in stale_inputs(run_dir)]
-    warnings += [EXTERNAL_NOTE, *read_notes(run_dir)] if external else []
-    claims = None if external else tables.get("claims")
-    if claims is None and not external:
-        warnings.append(f"tables/claims.csv is missing; rerun `robustmargin analyze --run {run_dir}` for the "
+    """Draw RUN/figures/*.png and write RUN/report.html from the files of an analyzed run. Tables that do not
+    belong to the run as it is now (a checkpoint retrained, new attack results) are refused."""
+    run = Run(run_dir)
+    metrics = run.metrics()
+    run.fresh_tables()
+    tables = read_tables(run)
+    runs = run.companions()
+    warnings = [] if run.has_history else [EXTERNAL_NOTE, *run.notes()]
+    claims = tables.get("claims") if run.has_history else None
+    if claims is None and run.has_history:
+        warnings.append(f"tables/claims.csv is missing; rerun `robustmargin analyze --run {run.path}` for the "
                         f"paper's claims")
-    from robustmargin.robustness import describe_settings, read_settings
-
-    settings = read_settings(run_dir)
-    points = read_points(run_dir, read_distances(run_dir))
-    attacks = _attacks_html(describe_settings(settings) if settings else None,
+    results = run.results()
+    points = None if results is None else results.points
+    attacks = _attacks_html(describe_settings(results.settings) if results is not None else None,
                             attack_doubt(points) if points is not None and len(points) else None)
-    figure_paths = build_figures(run_dir, metrics, tables, runs)
-    page = render_html(run_dir, (run_dir / "config.toml").read_text(), claims, tables, figure_paths, warnings,
-                       attacks, _theory_html(run_dir))
-    return atomic_write_text(run_dir / "report.html", page)
+    figure_paths = build_figures(run, metrics, tables, runs, results)
+    page = render_html(run.path, (run.path / "config.toml").read_text(), claims, tables, figure_paths, warnings,
+                       attacks, _theory_html(run.path))
+    return atomic_write_text(run.path / "report.html", page)

@@ -22,7 +22,7 @@ def _say(quiet: bool, message: str) -> None:
 
 def _ends(run_dir: Path) -> list[str]:
     """The first and the last checkpoint by epoch (one name if there is only one)."""
-    from robustmargin.checkpoints import read_index
+    from robustmargin.rundir import read_index
 
     names = list(read_index(run_dir).sort_values("epoch", kind="stable")["name"])
     return list(dict.fromkeys([names[0], names[-1]]))

@@ -1,26 +1,28 @@
 """What a run directory holds: each stage done, stale (its inputs changed since), partial (a killed or
 unfinished stage; how much) or missing, plus the checkpoints and the attack settings it has results for.
 
-Only files are read — no data, no models — so it is instant and safe while a stage runs. Staleness of
-`analyze` and `report` follows file times (as the report's own check does); staleness of `attack` follows
-the checkpoints' identity (epoch, loss, file) recorded when the results were merged.
+Only files are read — no data, no models — so it is quick and safe while a stage runs. Staleness follows
+content: attack results and tables record the SHA-256 of the checkpoint files (and of metrics.csv, and the
+results view) they came from (robustmargin.rundir); the report follows file times.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import math
+
 import pandas as pd
 
-from robustmargin.checkpoints import INDEX_COLUMNS
 from robustmargin.errors import UserError
-from robustmargin.robustness import SETTINGS_FILE, AttackSettings, part_path, read_record, work_units
+from robustmargin.rundir import (CONFIG, METRICS, STATE, AttackSettings, Run, Unit, part_path, read_index,
+                                 read_view, requests)
 
 STAGES = ("train", "attack", "analyze", "report")
 
 
 def is_run(path: Path) -> bool:
-    return (path / "config.toml").is_file()
+    return (path / CONFIG).is_file()
 
 
 def sweep_runs(path: Path) -> list[Path]:
@@ -42,14 +44,15 @@ def directory_status(path: str | Path) -> dict[str, Any]:
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    index = _index(run_dir)
-    sets = attack_sets(run_dir, index)
-    stages = [_train(run_dir, index), _attack(run_dir, sets), _analyze(run_dir), _report(run_dir)]
-    return {"run": str(run_dir), "stages": stages,
+    run = Run(run_dir)
+    index, problem = _index(run)
+    sets = attack_sets(run, index)
+    stages = [_train(run, index), _attack(run, sets, problem), _analyze(run), _report(run)]
+    return {"run": str(run.path), "stages": stages,
             "checkpoints": [] if index is None else [
-                {"name": str(r.name), "epoch": int(r.epoch), "log10_loss": float(r.log10_loss),
-                 "file_present": (run_dir / "checkpoints" / str(r.file)).is_file()}
+                {"name": str(r.name), "epoch": int(r.epoch),
+                 "log10_loss": float(r.log10_loss) if math.isfinite(r.log10_loss) else None,
+                 "sha256": r.sha256, "file_present": bool(r.sha256)}
                 for r in index.itertuples(index=False)],
             "attack_settings": sets}
 
@@ -62,117 +65,115 @@ def _mtime(path: Path) -> float | None:
     return path.stat().st_mtime if path.is_file() else None
 
 
-def _index(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "checkpoints" / "index.csv"
+def _index(run: Run) -> tuple[pd.DataFrame | None, str]:
+    """The index with each file's current hash (empty where the file is missing), or None and why."""
     try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError):
-        return None
-    return frame if list(frame.columns) == INDEX_COLUMNS else None
+        index = read_index(run.path)
+    except UserError as err:
+        return None, str(err)
+    from robustmargin.rundir import file_sha256
+
+    files = [run.path / "checkpoints" / f for f in index["file"]]
+    return index.assign(sha256=[file_sha256(f) if f.is_file() else "" for f in files]), ""
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def _train(run_dir: Path, index: pd.DataFrame | None) -> dict[str, str]:
-    metrics = run_dir / "metrics.csv"
+def _train(run: Run, index: pd.DataFrame | None) -> dict[str, str]:
+    if not run.has_history:
+        return _stage("train", "done", f"a user's model ({run.record.model}), not trained here")
+    metrics = run.path / METRICS
     if not metrics.is_file():
         return _stage("train", "missing", "no metrics.csv")
     try:
         last = pd.read_csv(metrics, usecols=["epoch", "log10_loss"]).iloc[-1]
-    except (ValueError, IndexError, KeyError):
+        epoch, loss = int(last["epoch"]), float(last["log10_loss"])
+    except (ValueError, IndexError, KeyError, TypeError):
         return _stage("train", "partial", "metrics.csv has no complete row; `train --resume` starts again")
-    epoch, loss = int(last["epoch"]), float(last["log10_loss"])
     final = None if index is None else index[index["name"] == "final"]
     if final is None or final.empty or int(final["epoch"].iloc[-1]) != epoch:
         return _stage("train", "partial", f"stopped at epoch {epoch} (log10 loss {loss:.4g}) without its final "
                                           f"checkpoint; `train --resume` continues")
-    config, state = _mtime(run_dir / "config.toml"), _mtime(run_dir / "state.pt")
+    config, state = _mtime(run.path / CONFIG), _mtime(run.path / STATE)
     if config is not None and state is not None and config > state:
         return _stage("train", "stale", "config.toml changed after training; `train --resume` applies it")
     return _stage("train", "done", f"{epoch} epochs, log10 loss {loss:.4g}")
 
 
-def attack_sets(run_dir: Path, index: pd.DataFrame | None) -> list[dict[str, Any]]:
-    """Every settings set recorded under robustness/settings/, the current one (robustness/settings.json)
-    first, each with its state against the checkpoints now in the index."""
-    folder = run_dir / "robustness" / "settings"
-    current = read_record(run_dir / "robustness" / SETTINGS_FILE)
-    records = [r for r in (read_record(p) for p in sorted(folder.glob(f"*/{SETTINGS_FILE}"),
-                                                         key=lambda p: p.stat().st_mtime, reverse=True))
-               if r is not None and "id" in r]
-    current_id = current["id"] if current else (records[0]["id"] if records else None)
+def attack_sets(run: Run, index: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """Every settings set ever asked for on this run, the current one first, each with its state against
+    the checkpoint files now on disk."""
+    current = read_view(run.path / "robustness" / "current")
+    current_id = current.id if current is not None else None
+    records = requests(run.path)
     records.sort(key=lambda r: r["id"] != current_id)
     sets = []
     for record in records:
         out = {k: record.get(k) for k in ("id", "points", "attacks", "budget", "steps", "batch_size")}
         out["current"] = record["id"] == current_id
         try:
-            sets.append({**out, **_set_state(run_dir, record, index)})
+            sets.append({**out, **_set_state(run, record, index)})
         except (KeyError, TypeError, ValueError, AttributeError):
-            sets.append({**out, "state": "partial", "detail": "its settings.json is damaged; rerun attack"})
+            sets.append({**out, "state": "partial", "detail": "its request record is damaged; rerun attack"})
     return sets
 
 
-def _set_state(run_dir: Path, record: dict[str, Any], index: pd.DataFrame | None) -> dict[str, Any]:
-    """The state of one settings set: stale if a checkpoint it merged has changed (retrained, removed),
-    partial if batches asked for are missing or finished ones were not merged, else done."""
+def _set_state(run: Run, record: dict[str, Any], index: pd.DataFrame | None) -> dict[str, Any]:
+    """The state of one settings set: stale if a result it merged came from a checkpoint file that has
+    changed (retrained, removed), partial if batches asked for are missing or finished ones were not merged,
+    else done."""
     settings = AttackSettings.from_dict(record)
-    rows = {} if index is None else {str(r.name): r for r in index.itertuples(index=False)}
-    now = {name: (int(r.epoch), float(r.log10_loss), str(r.file)) for name, r in rows.items()}
-    stale = [r["checkpoint"] for r in record.get("results", [])
-             if now.get(r["checkpoint"]) != (r["epoch"], r["log10_loss"], r["file"])]
-    wanted = [(r["checkpoint"], r["split"]) for r in record.get("requested", []) if r["checkpoint"] in rows]
+    now = {} if index is None else dict(zip(index["name"], index["sha256"]))
+    view = read_view(run.path / "robustness" / "settings" / settings.id)
+    merged = set() if view is None else {(c, s, sha) for c, s, sha in view.pairs()}
+    stale = sorted({c for c, _, sha in merged if now.get(c) != sha or not sha})
+    wanted = [(r["checkpoint"], r["split"]) for r in record.get("requested", []) if r["checkpoint"] in now]
     done = total = 0
     finished = []
     for ckpt, split in wanted:
-        units = work_units(index[index["name"] == ckpt], [split], settings)
-        present = sum(part_path(run_dir, u, settings).is_file() for u in units)
+        units = [Unit(ckpt, now[ckpt], split, a, start, size) for a in settings.attacks
+                 for start, size in settings.batches()]
+        present = sum(part_path(run.path, u, settings).is_file() for u in units)
         done, total = done + present, total + len(units)
         if present == len(units):
             finished.append((ckpt, split))
-    merged = {(r["checkpoint"], r["split"]) for r in record.get("results", []) if r["checkpoint"] not in stale}
+    fresh = {(c, s) for c, s, sha in merged if c not in stale}
     if stale:
-        state, detail = "stale", f"{', '.join(sorted(set(stale)))} changed since attacked; rerun attack"
+        state = "stale"
+        detail = (f"{', '.join(stale)} changed since attacked; refresh with "
+                  f"`{settings.command(run.path, stale)}`")
     elif done < total:
         state, detail = "partial", f"{done} of {total} batches"
-    elif not set(finished) <= merged:
+    elif not set(finished) <= fresh:
         state, detail = "partial", f"all {total} batches finished but not merged; rerun attack"
     else:
-        state, detail = "done", f"{len(merged)} (checkpoint, split) result{'' if len(merged) == 1 else 's'}"
-    return {"results": sorted(f"{c} {s}" for c, s in merged), "batches_done": done, "batches": total,
-            "state": state, "detail": detail}
+        state, detail = "done", f"{len(fresh)} (checkpoint, split) result{'' if len(fresh) == 1 else 's'}"
+    return {"results": sorted(f"{c} {s}" for c, s in fresh), "stale_results": stale, "batches_done": done,
+            "batches": total, "state": state, "detail": detail}
 
 
-def _attack(run_dir: Path, sets: list[dict[str, Any]]) -> dict[str, str]:
-    robustness = run_dir / "robustness"
+def _attack(run: Run, sets: list[dict[str, Any]], problem: str) -> dict[str, str]:
+    if problem:
+        return _stage("attack", "partial", problem)
     if not sets:
-        if (robustness / "distances.csv").is_file():
-            return _stage("attack", "done", "distances.csv (its settings were not recorded)")
-        if any((robustness / "parts").glob("*/*/*/*.csv")):
+        if any((run.path / "robustness" / "parts").glob("*/*/*/*.csv")):
             return _stage("attack", "partial", "batches under robustness/parts, none merged; rerun attack")
-        return _stage("attack", "missing", "no robustness/distances.csv")
+        return _stage("attack", "missing", "no attack results")
     s = sets[0]
     what = f"settings {s['id']}: n={s['points']}, {'+'.join(s['attacks'] or [])}, {s['budget']} budget"
     return _stage("attack", s["state"], f"{s['detail']} ({what})")
 
 
-def _analyze(run_dir: Path) -> dict[str, str]:
-    table1, certified = _mtime(run_dir / "tables" / "table1.csv"), _mtime(run_dir / "robustness" / "certified.csv")
-    if table1 is None:
-        return _stage("analyze", "missing", "no tables/table1.csv")
-    written = sorted(run_dir.glob("tables/*.csv"))
-    if certified is None or certified < table1:
-        return _stage("analyze", "partial", f"{len(written)} tables written, robustness/certified.csv "
-                                            f"{'missing' if certified is None else 'older'}; rerun analyze")
-    inputs = [run_dir / "metrics.csv", run_dir / "checkpoints" / "index.csv", run_dir / "robustness" / "distances.csv"]
-    changed = [str(p.relative_to(run_dir)) for p in inputs if (_mtime(p) or 0) > table1]
-    if changed:
-        return _stage("analyze", "stale", f"{', '.join(changed)} changed after the tables")
-    return _stage("analyze", "done", f"{len(written)} tables")
+def _analyze(run: Run) -> dict[str, str]:
+    state, detail = run.tables_state()
+    if state in ("partial", "stale"):
+        detail = f"{detail}; rerun analyze"
+    return _stage("analyze", state, detail)
 
 
-def _report(run_dir: Path) -> dict[str, str]:
+def _report(run: Run) -> dict[str, str]:
+    run_dir = run.path
     report = _mtime(run_dir / "report.html")
     figures = sorted(run_dir.glob("figures/*.png"))
     if report is None:
@@ -181,15 +182,22 @@ def _report(run_dir: Path) -> dict[str, str]:
         return _stage("report", "missing", "no report.html")
     if any(p.stat().st_mtime > report for p in figures):
         return _stage("report", "partial", "figures newer than report.html; rerun report")
-    inputs = [run_dir / "metrics.csv", *sorted(run_dir.glob("tables/*.csv")), run_dir / "robustness" / "distances.csv"]
+    inputs = [run_dir / "metrics.csv", *sorted(run_dir.glob("tables/*.csv")), run_dir / "tables" / "provenance.json"]
     changed = [str(p.relative_to(run_dir)) for p in inputs if (_mtime(p) or 0) > report]
     if changed:
         return _stage("report", "stale", f"{', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} "
                                          f"changed after report.html")
+    if run.tables_state()[0] == "stale":
+        return _stage("report", "stale", "its tables are stale; rerun analyze, then report")
     return _stage("report", "done", "report.html")
 
 
 # --------------------------------------------------------------------------- text
+
+
+def _checkpoint_text(c: dict[str, Any]) -> str:
+    loss = "" if c["log10_loss"] is None else f", log10 loss {c['log10_loss']:.4g}"
+    return f"{c['name']} (epoch {c['epoch']}{loss}{'' if c['file_present'] else ', file missing'})"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -198,8 +206,7 @@ def format_status(status: dict[str, Any]) -> str:
                          + [format_status(r) for r in status["runs"]])
     lines = [f"run {status['run']}"]
     lines += [f"  {s['stage']:<8} {s['state']:<8} {s['detail']}" for s in status["stages"]]
-    ckpts = ", ".join(f"{c['name']} (epoch {c['epoch']}, log10 loss {c['log10_loss']:.4g}"
-                      f"{'' if c['file_present'] else ', file missing'})" for c in status["checkpoints"])
+    ckpts = ", ".join(_checkpoint_text(c) for c in status["checkpoints"])
     lines.append(f"  checkpoints: {ckpts or 'none'}")
     for s in status["attack_settings"]:
         steps = "" if s["steps"] is None else f", steps {s['steps']}"

@@ -30,6 +30,7 @@ from robustmargin import distributed
 from robustmargin.config import Config, config_from_dict, load_preset, read_text_file, with_overrides
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
+from robustmargin.robustness import attack_settings
 from robustmargin.status import STAGES, is_run, run_status
 
 SWEEP_FILE = "sweep.toml"
@@ -163,15 +164,16 @@ def sweep_grid(out: str | Path) -> dict[str, list[Any]]:
 
 
 def _stage_done(run_dir: Path, stage: str, n: int) -> bool:
-    """Whether `stage` of a run is complete (robustmargin.status), the attack for these same --n points."""
+    """Whether `stage` of a run is complete (robustmargin.status); the attack only under exactly the
+    settings the sweep uses (their whole digest: points, attacks, options, batches)."""
     if not is_run(run_dir):
         return False
     status = run_status(run_dir)
-    state = next(s["state"] for s in status["stages"] if s["stage"] == stage)
     if stage == "attack":
+        wanted = attack_settings(points=n).id
         current = next((s for s in status["attack_settings"] if s["current"]), None)
-        return state == "done" and current is not None and current["points"] == n
-    return state == "done"
+        return current is not None and current["id"] == wanted and current["state"] == "done"
+    return next(s["state"] for s in status["stages"] if s["stage"] == stage) == "done"
 
 
 def pending(run_dir: Path, stages: tuple[str, ...], n: int) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from robustmargin import distributed, losses, margins
-from robustmargin.checkpoints import read_index, record_checkpoint, write_index
+from robustmargin.rundir import read_index, record_checkpoint, write_index
 from robustmargin.config import Config, config_from_dict, load_config
 from robustmargin.data import SHAPES, load_data
 from robustmargin.errors import UserError

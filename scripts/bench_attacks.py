@@ -73,8 +73,9 @@ def selftest_models(n: int) -> tuple[list[tuple[str, nn.Module]], torch.Tensor, 
 
 def run_models(run_dir: Path, split: str, n: int, names: str) -> tuple[list[tuple[str, nn.Module]], torch.Tensor,
                                                                       torch.Tensor]:
-    from robustmargin.checkpoints import load_checkpoint, read_index
-    from robustmargin.data import load_split
+    from robustmargin.checkpoints import load_checkpoint
+    from robustmargin.rundir import read_index
+    from robustmargin.rundir import load_split
 
     index = read_index(run_dir)
     if names != "all":
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.selftest:
             data = {args.split: (x, y)}
         else:
-            from robustmargin.data import load_split
+            from robustmargin.rundir import load_split
 
             if args.checkpoints == "all":
                 models = [models[0], models[-1]]

@@ -38,9 +38,9 @@ def make_run(run: Path, *, n_test: int) -> None:
     """A run directory with two checkpoints (after 2 and 8 epochs) of a small bias-free CNN."""
     import torch.nn.functional as F
 
-    from robustmargin.checkpoints import record_checkpoint
+    from robustmargin.rundir import record_checkpoint
     from robustmargin.config import config_from_dict
-    from robustmargin.data import load_split
+    from robustmargin.rundir import load_split
     from robustmargin.models import ModelSpec, build_model
 
     cfg = config_from_dict({"data": {"n_train": 1000, "n_test": max(n_test, 100)},

@@ -13,10 +13,11 @@ import torch
 
 from robustmargin import analysis, data
 from robustmargin.analysis import InvariantError, analyze_run
-from robustmargin.checkpoints import record_checkpoint
+from robustmargin.rundir import record_checkpoint
 from robustmargin.config import Config
 from robustmargin.models import ModelSpec, build_model
 from crafted import crafted_metrics
+from tinyrun import write_results
 
 SPEC = ModelSpec(name="mlp", bias="none", hidden=(12,), in_channels=1, image_size=6, num_classes=3)
 STEPS = {"init": 0, "mid": 40, "final": 400}  # checkpoint name -> full-batch SGD steps (epoch = position)
@@ -120,8 +121,7 @@ def make_run(root: Path, monkeypatch, *, attacks: bool = True) -> tuple[Path, di
                     for attack, scale in (("cw", 1.0), ("ddn", 1.1)):
                         dist.append({"checkpoint": name, "split": split, "index": i, "label": int(y[i]),
                                      "correct": int(correct), "attack": attack, "distance": d * scale})
-        (run / "robustness").mkdir()
-        pd.DataFrame(dist).to_csv(run / "robustness" / "distances.csv", index=False)
+        write_results(run, pd.DataFrame(dist))
     return run, models, splits
 
 

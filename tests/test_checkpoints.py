@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from robustmargin import load_checkpoint, load_split
-from robustmargin.checkpoints import INDEX_COLUMNS, read_index, record_checkpoint, save_checkpoint
+from robustmargin.checkpoints import save_checkpoint
+from robustmargin.rundir import INDEX_COLUMNS, file_sha256, read_index, record_checkpoint
 from robustmargin.config import Config, config_from_dict
 from robustmargin.errors import UserError
 from robustmargin.models import ModelSpec, build_model
@@ -74,8 +75,10 @@ def first_below(metrics: pd.DataFrame, threshold: float) -> pd.Series:
 def test_index_lists_threshold_checkpoints_at_first_crossing(run):
     out, cfg, _ = run
     index = read_index(out)
-    assert list(index.columns) == INDEX_COLUMNS
-    assert list(pd.read_csv(out / "checkpoints" / "index.csv").columns) == INDEX_COLUMNS
+    assert list(index.columns) == INDEX_COLUMNS + ["sha256"]
+    assert list(pd.read_csv(out / "checkpoints" / "index.csv").columns) == INDEX_COLUMNS + ["sha256"]
+    for r in index.itertuples():  # each row names its file by content
+        assert r.sha256 == file_sha256(out / "checkpoints" / r.file)
     m = pd.read_csv(out / "metrics.csv")
     thresholded = index[index["threshold_log10"].notna()]
     assert sorted(thresholded["threshold_log10"]) == sorted(THRESHOLDS)
@@ -226,11 +229,12 @@ def test_read_index_errors(tmp_path):
     with pytest.raises(UserError):
         read_index(tmp_path)
     empty = read_index(tmp_path, required=False)
-    assert len(empty) == 0 and list(empty.columns) == INDEX_COLUMNS
+    assert len(empty) == 0 and list(empty.columns) == INDEX_COLUMNS + ["sha256"]
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "index.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(UserError):
-        read_index(tmp_path)
+    for damaged in ("a,b\n1,2\n", "", "name,epoch,log10_loss,threshold_log10,file\nfinal,x,1,,final.pt\n"):
+        (tmp_path / "checkpoints" / "index.csv").write_text(damaged)
+        with pytest.raises(UserError, match="index.csv is damaged"):  # one line, never a pandas error
+            read_index(tmp_path)
 
 
 def test_record_checkpoint_replaces_same_name_and_keeps_precision(tmp_path):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import robustmargin.data as data
 import robustmargin.robustness as robustness
-from robustmargin.checkpoints import record_checkpoint
+from robustmargin.rundir import record_checkpoint
 from robustmargin.cli import main as cli_main
 from robustmargin.config import config_from_dict
-from robustmargin.data import load_split
+from robustmargin.rundir import load_split
 from robustmargin.models import ModelSpec, build_model
 
 N, BATCH = 12, 5

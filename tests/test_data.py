@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from robustmargin.config import Config, DataConfig
-from robustmargin.data import load_data, load_split, stratified_order
+from robustmargin.data import load_data, stratified_order
+from robustmargin.rundir import load_split
 from robustmargin.errors import UserError
 
 

@@ -268,7 +268,7 @@ def test_python_evaluate(tmp_path):
     assert (tmp_path / "live" / "report.html").is_file()
     assert pd.read_csv(tmp_path / "live" / "tables" / "lipschitz.csv")["kind"].tolist() == ["linear", "linear"]
     # the run's data is what was passed in
-    xs, ys = data.load_split(tmp_path / "live", "test")
+    xs, ys = rundir.load_split(tmp_path / "live", "test")
     assert torch.equal(xs, x) and torch.equal(ys, y)
     again = robustmargin.evaluate(model, x, y, out=tmp_path / "live", attacks="ddn", steps=10, report=False)
     pd.testing.assert_frame_equal(again, dist)  # the same module and data: the run is resumed, not refused

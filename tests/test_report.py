@@ -16,10 +16,13 @@ import pandas as pd
 import pytest
 
 from robustmargin import analysis, report
+from robustmargin.errors import UserError
 from robustmargin.robustness import point_summary
 from robustmargin.cli import main as cli_main
 from robustmargin.config import Config
 from crafted import crafted_metrics
+from robustmargin.rundir import Run, write_index
+from tinyrun import write_results
 
 
 
@@ -78,26 +81,34 @@ def make_analyzed_run(root: Path) -> Path:
                          "normalized_margin_layerwise": v / 10} for i, v in enumerate(rng.normal(k + 1, 0.5, 40))]
             curves += [{"checkpoint": name, "split": split, "epsilon": e, "robust_accuracy": float((d > e).mean())}
                        for e in np.linspace(0, 4, 21)]
-    _write(run / "robustness" / "distances.csv", pd.DataFrame(rows))
+    for name in names:  # checkpoint files stand in for trained ones: the report reads only their hashes
+        (run / "checkpoints").mkdir(exist_ok=True)
+        (run / "checkpoints" / f"{name}.pt").write_bytes(name.encode())
+    write_index(run, pd.DataFrame({"name": names, "epoch": [5, 10, 20], "log10_loss": [-10.0, -20.0, -40.0],
+                                   "threshold_log10": np.nan, "file": [f"{n}.pt" for n in names], "sha256": ""}))
+    write_results(run, pd.DataFrame(rows).assign(attack="ddn"), settings_id="abc123")
     _write(run / "robustness" / "certified.csv", pd.DataFrame(certified))
     _write(run / "robustness" / "curves.csv", pd.DataFrame(curves))
     _write(run / "tables" / "margins.csv", pd.DataFrame(margins))
-    points = point_summary(pd.DataFrame(rows).assign(attack="ddn"))
+    points = pd.read_csv(run / "robustness" / "points.csv").astype({"spread": float})
     points.loc[points.index[:3], "spread"] = 1.2  # three points whose attacks disagree by more than 5 %
     _write(run / "robustness" / "points.csv", points)
-    (run / "robustness" / "settings.json").write_text(json.dumps(
-        {"id": "abc123", "points": 40, "attacks": ["ddn", "fmn"], "budget": "fast", "steps": None,
-         "batch_size": 100, "options": {}}))
+    settings = json.loads((run / "robustness" / "settings.json").read_text())
+    settings["attacks"] = ["ddn", "fmn"]
+    (run / "robustness" / "settings.json").write_text(json.dumps(settings))
     write_claims(run)
+    r = Run(run)
+    r.write_provenance(r.inputs(r.results()))
     return run
 
 
 def write_claims(run: Path) -> pd.DataFrame:
     """tables/claims.csv from the files of the hand-made run, as `analyze` computes it."""
     tables = {n: pd.read_csv(run / "tables" / f"{n}.csv") for n in ("table1", "margins")}
-    metrics = analysis.read_metrics(run)
-    claims = analysis.claims_table(metrics, tables, analysis.read_points(run, analysis.read_distances(run)),
-                                   analysis.read_runs(run, metrics), [1.0, 2.0])
+    r = Run(run)
+    results = r.results()
+    claims = analysis.claims_table(r.metrics(), tables, None if results is None else results.points,
+                                   r.companions(), [1.0, 2.0])
     _write(run / "tables" / "claims.csv", claims)
     return claims
 
@@ -192,6 +203,8 @@ def test_report_without_robustness(tmp_path):
     mvr.drop(columns=[c for c in mvr if "eps" in c or "robust" in c]).to_csv(
         run / "tables" / "margin_vs_robustness.csv", index=False)
     write_claims(run)
+    r = Run(run)
+    r.write_provenance(r.inputs(None))
     report.write_report(run)
     page = (run / "report.html").read_text()
     assert page.count("<td class='na'>") == 2  # schedule comparison and robustness: not measured
@@ -200,19 +213,12 @@ def test_report_without_robustness(tmp_path):
                                                                                    "certified_vs_attacks"}
 
 
-def test_report_draws_curves_from_distances(tmp_path):
+def test_report_refuses_tables_of_an_earlier_checkpoint(tmp_path):
     run = make_analyzed_run(tmp_path)
-    (run / "robustness" / "curves.csv").unlink()
     report.write_report(run)
-    assert (run / "figures" / "robust_accuracy.png").is_file()
-
-
-def test_report_warns_when_tables_are_stale(tmp_path):
-    run = make_analyzed_run(tmp_path)
-    table1 = run / "tables" / "table1.csv"
-    os.utime(table1, (1, 1))
-    report.write_report(run)
-    assert "robustness/distances.csv is newer than the tables" in (run / "report.html").read_text()
+    (run / "checkpoints" / "final.pt").write_bytes(b"trained further")
+    with pytest.raises(UserError, match=r"stale .*checkpoint final.*robustmargin analyze --run"):
+        report.write_report(run)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import robustmargin.data as data
-from robustmargin.checkpoints import record_checkpoint
+from robustmargin.rundir import record_checkpoint
 from robustmargin.config import config_from_dict
 from robustmargin.models import ModelSpec, build_model
 
@@ -57,3 +57,21 @@ def robustmargin(*args: str, cwd: Path | None = None, torchrun: int = 0) -> subp
     cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else None
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+
+
+def write_results(run: Path, distances, *, settings_id: str | None = None) -> None:
+    """Store attack distances built by a test as the run's current results view, as an attack would
+    (with the checkpoints' hashes), so that analysis and the report read them."""
+    from robustmargin.robustness import _result_texts
+    from robustmargin.rundir import AttackSettings, Run, write_view
+
+    attacks = tuple(dict.fromkeys(distances["attack"]))
+    points = int(distances.groupby(["checkpoint", "split"])["index"].nunique().max())
+    settings = AttackSettings(points, attacks, "fast", None, 100, {a: {} for a in attacks})
+    texts = _result_texts(distances.assign(seconds=0.0, forwards=0, backwards=0), settings,
+                          Run(run).checkpoints())
+    if settings_id is not None:  # a chosen id, as a test that names it needs
+        import json
+        record = json.loads(texts["settings.json"])
+        texts["settings.json"] = json.dumps({**record, "id": settings_id}, indent=1) + "\n"
+    write_view(Path(run), settings_id or settings.id, texts)
