@@ -286,6 +286,10 @@ def table1(metrics: pd.DataFrame | None, stats: list[CheckpointStats], loss: str
     return pd.DataFrame(rows)
 
 
+LIPSCHITZ_COLUMNS = ["checkpoint", "epoch", "layer", "kind", "order", "sigma", "rho", "sigma_over_rho",
+                     "sigma_product", "rho_product"]
+
+
 def lipschitz_table(stats: list[CheckpointStats]) -> pd.DataFrame:
     rows = []
     for s in stats:
@@ -294,7 +298,7 @@ def lipschitz_table(stats: list[CheckpointStats]) -> pd.DataFrame:
             rows.append({"checkpoint": s.name, "epoch": s.epoch, "layer": i + 1, "kind": kind, "order": a,
                          "sigma": sigma, "rho": rho, "sigma_over_rho": sigma / rho,
                          "sigma_product": s.sigma_product, "rho_product": s.rho_product})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=LIPSCHITZ_COLUMNS)
 
 
 def kkt_table(stats: list[CheckpointStats]) -> pd.DataFrame:

@@ -55,10 +55,11 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
     check_device(options.get("device", "cpu"))
     attack_settings(points=1 if n is None else n, **settings_options)
     model = build_module(spec)
+    warnings = []
     if weights is not None:
         load_weights(model, weights)
     else:
-        _warn("no --weights given: the model is attacked with the weights its factory made")
+        warnings.append("no --weights given: the model is attacked with the weights its factory made")
     model.eval()
     if data in DATASETS:
         data_config = DataConfig(name=data, root=data_root, download=download)  # the root as written
@@ -75,14 +76,15 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
         if s not in splits_data:
             raise UserError(f"the data {data} has no {s} split (an .npz file is the test split)")
         check_data(*splits_data[s], what=f"{data} {s}")
-        for line in check_outputs(model, *splits_data[s]):
-            _warn(line)
+        warnings += [w for w in check_outputs(model, *splits_data[s]) if w not in warnings]
     if n is None:
         n = min(100, *(len(splits_data[s][1]) for s in splits))
     for s in splits:
         if n > len(splits_data[s][1]):
             raise UserError(f"--n {n} is larger than the {s} split ({len(splits_data[s][1])} points)")
     sha = file_sha256(weights) if weights is not None else state_sha256(model)
+    for line in warnings:  # once every check has passed: an error stays one line
+        _warn(line)
     claim_model_run(out, ModelRecord(model=portable_spec(spec, out), weights_sha256=sha, data=stored_data,
                                      data_sha256=data_sha, data_config=data_config))
     _record_model(out, model)

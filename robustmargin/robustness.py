@@ -257,7 +257,7 @@ def _evaluate(run: Run, settings: AttackSettings, splits: Sequence[str], checkpo
                 file = str(chosen.loc[chosen["name"] == u.checkpoint, "file"].iloc[0])
                 loaded = (u.checkpoint, run.load_model(file))
             bar.set_postfix_str(f"{u.checkpoint} {u.split} {u.attack}")
-            x, y = data[u.split]
+            x, y = (t[:settings.points] for t in data[u.split])  # the last batch ends at the n-th point
             _attack_batch(loaded[1], x, y, u.start, settings.batch_size, u.attack, settings.options[u.attack],
                           dev, part_path(run.path, u, settings))
             bar.update(u.size)

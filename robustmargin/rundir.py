@@ -198,6 +198,8 @@ def read_index(run_dir: Path, *, required: bool = True) -> pd.DataFrame:
     if not path.is_file() and not required:
         return pd.DataFrame(columns=INDEX_COLUMNS + ["sha256"])
     fix = "rerun the training (`robustmargin train ... --resume`) or the `attack --model` command that made it"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no checkpoints (no {path}); {fix}")
     frame = read_csv(path, INDEX_COLUMNS, fix=fix)
     if "sha256" not in frame:
         frame["sha256"] = ""

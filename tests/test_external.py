@@ -15,7 +15,7 @@ from torch import nn
 
 import robustmargin
 import robustmargin.data as data
-from robustmargin import external, lipschitz
+from robustmargin import external, lipschitz, rundir, usermodel
 from robustmargin.cli import main as cli_main
 from robustmargin.errors import UserError
 from robustmargin.models import ModelSpec, build_model
@@ -106,8 +106,8 @@ def test_end_to_end_attack_analyze_report(models, tmp_path):
     out = tmp_path / "run"
     assert cli("attack", "--model", f"{models}:small_net", "--data", str(npz), "--out", str(out), *FAST) == 0
     config = (out / "config.toml").read_text()
-    assert "[external]" in config and f"{models.resolve()}:small_net" in config
-    assert external.read_external(out).data_sha256 == external.file_sha256(npz)
+    assert "[external]" in config and f'model = "{models}:small_net"' in config  # as written, never resolved
+    assert rundir.read_model_record(out).data_sha256 == rundir.file_sha256(npz)
     index = pd.read_csv(out / "checkpoints" / "index.csv")
     assert index["name"].tolist() == ["model"]
     dist = pd.read_csv(out / "robustness" / "distances.csv")
@@ -188,7 +188,7 @@ def test_traced_bound_equals_the_robustmargin_model():
     torch.manual_seed(0)
     model = build_model(ModelSpec(name="cnn", width=0.125, image_size=8)).eval()
     x = torch.rand(5, 1, 8, 8)
-    net, why = external.traced_net(_twin(model), x, 10)
+    net, why = usermodel.traced_net(_twin(model), x, 10)
     assert why == "" and len(net.weight_layers) == 4
     mine, theirs = lipschitz.layer_spectral_norms(net), lipschitz.layer_spectral_norms(model)
     assert mine == theirs
@@ -205,9 +205,9 @@ def test_kkt_of_a_traced_module_equals_the_robustmargin_model():
     x = torch.rand(12, 1, 8, 8, dtype=torch.float64)
     y = model(x).argmax(1)  # every point correctly classified: the KKT residuals are defined
     twin = _twin(model)
-    assert external.homogeneity_order(twin, x) == model.order == 4
+    assert usermodel.homogeneity_order(twin, x) == model.order == 4
     ours = kkt_residuals(model, x, y, k=12)
-    theirs = kkt_residuals(external._Homogeneous(twin, 4), x, y, k=12)
+    theirs = kkt_residuals(usermodel.Homogeneous(twin, 4), x, y, k=12)
     assert theirs["eps"] == pytest.approx(ours["eps"], rel=1e-9) and theirs["delta"] == pytest.approx(ours["delta"])
 
 
@@ -221,7 +221,7 @@ def test_traced_bound_against_dense_spectral_norms():
     torch.manual_seed(3)
     conv, fc = nn.Conv2d(1, 2, 3, padding=1, bias=False).double(), nn.Linear(18, 3, bias=False).double()
     module = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), fc)
-    net, why = external.traced_net(module, torch.rand(2, 1, 6, 6, dtype=torch.float64), 3)
+    net, why = usermodel.traced_net(module, torch.rand(2, 1, 6, 6, dtype=torch.float64), 3)
     assert why == ""
     bound = math.prod(lipschitz.layer_spectral_norms(net, tol=1e-12))
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_trace_says_what_is_not_supported():
         nn.Sequential(nn.Flatten(), nn.BatchNorm1d(36), nn.Linear(36, 2)): "unsupported operation BatchNorm1d",
     }
     for module, reason in cases.items():
-        net, why = external.traced_net(module.eval(), torch.rand(3, 1, 6, 6), 2)
+        net, why = usermodel.traced_net(module.eval(), torch.rand(3, 1, 6, 6), 2)
         assert net is None and reason in why
 
 
@@ -252,11 +252,11 @@ def test_homogeneity_order():
     x = torch.rand(4, 1, 6, 6)
     free = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
                          nn.Linear(8, 3, bias=False))
-    assert external.homogeneity_order(free, x) == 3  # a first-layer bias keeps it homogeneous
+    assert usermodel.homogeneity_order(free, x) == 3  # a first-layer bias keeps it homogeneous
     biased = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3))
-    assert external.homogeneity_order(biased, x) is None
+    assert usermodel.homogeneity_order(biased, x) is None
     squared = nn.Sequential(nn.Flatten(), nn.Linear(36, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
-    assert external.homogeneity_order(squared, x) is None
+    assert usermodel.homogeneity_order(squared, x) is None
 
 
 def test_python_evaluate(tmp_path):
@@ -264,7 +264,9 @@ def test_python_evaluate(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3, bias=False))
     x, y = torch.rand(10, 1, 6, 6), torch.arange(10) % 3
     dist = robustmargin.evaluate(model, x, y, out=tmp_path / "live", attacks="ddn", steps=10)
-    assert len(dist) == 10 and set(dist["split"]) == {"test"}
+    assert len(dist) == 10 and dist["index"].tolist() == list(range(10))  # one row per point
+    assert {"distance", "best_attack", "spread", "correct"} <= set(dist.columns)
+    assert robustmargin.robust_accuracy_curve(dist["distance"], [0.0]).item() == dist["correct"].mean()
     assert (tmp_path / "live" / "report.html").is_file()
     assert pd.read_csv(tmp_path / "live" / "tables" / "lipschitz.csv")["kind"].tolist() == ["linear", "linear"]
     # the run's data is what was passed in

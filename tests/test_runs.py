@@ -14,8 +14,11 @@ import pandas as pd
 import pytest
 
 import robustmargin.robustness as robustness
+import robustmargin.rundir as rundir
 from robustmargin.cli import main as cli_main
+from robustmargin.checkpoints import load_checkpoint
 from robustmargin.config import config_from_dict
+from robustmargin.rundir import Run, record_checkpoint
 from robustmargin.status import directory_status, format_status
 from tinyrun import write_run
 
@@ -60,7 +63,7 @@ def test_results_accumulate_over_commands_and_settings_stay_apart(run, monkeypat
     assert (first["points"], first["attacks"], first["steps"]) == (6, ["ddn", "fmn"], 10)
     assert {(r["checkpoint"], r["split"]) for r in first["results"]} == {
         (c, s) for c in ("model-1", "model-2") for s in ("train", "test")}
-    assert first["id"] in robustness.describe_settings(first)
+    assert first["id"] in rundir.describe_settings(first)
 
     # other settings: their own set, current now, never mixed with the first
     attack(run, "--checkpoints", "model-1", "--steps", "5")
@@ -167,6 +170,18 @@ def test_moved_run_resumes_and_every_stage_works(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- status
 
 
+def retrain(run: Path, name: str) -> None:
+    """Write checkpoint `name` again with other weights, as further training does."""
+    import torch
+
+    model = load_checkpoint(run / "checkpoints" / f"{name}.pt")[0]
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    row = pd.read_csv(run / "checkpoints" / "index.csv").set_index("name").loc[name]
+    record_checkpoint(run, model, name=name, epoch=int(row["epoch"]) + 1, log10_loss=float(row["log10_loss"]),
+                      threshold_log10=None, meta={})
+
+
 def touch(path: Path, when: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -198,9 +213,7 @@ def test_status_of_what_a_killed_attack_leaves(run, monkeypatch, capsys):
     attack(run)
     assert states(run)["attack"] == "done"
 
-    index = pd.read_csv(run / "checkpoints" / "index.csv")  # a retrained checkpoint
-    index.loc[index["name"] == "model-2", "epoch"] = 21
-    index.to_csv(run / "checkpoints" / "index.csv", index=False)
+    retrain(run, "model-2")
     assert states(run)["attack"] == "stale"
 
     assert cli_main.main(["status", "--run", str(run), "--json"]) == 0
@@ -224,18 +237,25 @@ def test_status_of_train_analyze_report_files(run):
     assert states(run)["train"] == "stale"
     touch(run / "config.toml", now - 200)
 
-    for path in (run / "metrics.csv", run / "checkpoints" / "index.csv"):
-        touch(path, now - 100)
     assert states(run)["analyze"] == "missing"
     touch(run / "tables" / "table1.csv", now - 90)  # killed after the first table
     assert states(run)["analyze"] == "partial"
-    touch(run / "robustness" / "certified.csv", now - 80)  # an older analysis's last file
-    touch(run / "tables" / "table1.csv", now - 70)
-    assert states(run)["analyze"] == "partial"
-    touch(run / "robustness" / "certified.csv", now - 60)
+    r = Run(run)
+    r.write_provenance(r.inputs(None))  # what analyze writes last
+    touch(run / "tables" / "table1.csv", now - 90)
     assert states(run)["analyze"] == "done"
-    touch(run / "metrics.csv", now - 65)
+    touch(run / "tables" / "table1.csv", time.time() + 5)  # a later analysis killed midway
+    assert states(run)["analyze"] == "partial"
+    touch(run / "tables" / "table1.csv", now - 90)
+    retrain(run, "model-1")  # content, not file times, decides
     assert states(run)["analyze"] == "stale"
+    r.write_provenance(r.inputs(None))
+    with open(run / "metrics.csv", "a") as f:
+        f.write("2,-0.3\n")
+    assert states(run)["analyze"] == "stale"
+    r.write_provenance(r.inputs(None))
+    touch(run / "tables" / "table1.csv", now - 90)
+    touch(run / "tables" / "provenance.json", now - 80)
     touch(run / "metrics.csv", now - 100)
 
     assert states(run)["report"] == "missing"
