@@ -16,6 +16,19 @@ def save_checkpoint(path: str | Path, model: HomogeneousNet, meta: dict) -> Path
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def same_checkpoint(path: Path, model: HomogeneousNet, meta: dict) -> bool:
+    """Whether `path` already holds exactly these weights and metadata (a resumed, finished run saves its
+    final checkpoint again: the file, and so its identity, stays as it was)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or damaged: write it
+        return False
+    state = model.state_dict()
+    return (payload.get("meta") == meta and payload.get("model") == model.spec.as_dict()
+            and set(payload["state_dict"]) == set(state)
+            and all(torch.equal(payload["state_dict"][k], v.detach().cpu()) for k, v in state.items()))
+
+
 def spec_from_dict(d: dict) -> ModelSpec:
     return ModelSpec(**{**d, "hidden": tuple(d.get("hidden", ()))})
 

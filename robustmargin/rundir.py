@@ -223,10 +223,12 @@ def record_checkpoint(run_dir: Path, model, *, name: str, epoch: int, log10_loss
     """Save `checkpoints/NAME.pt` and put its row, with the SHA-256 of the file just written, in the index
     (replacing one of the same name). The file is written first: a kill between the two leaves a row whose
     hash the file no longer has, which `Run.checkpoints` refuses, never new weights under an old identity."""
-    from robustmargin.checkpoints import save_checkpoint
+    from robustmargin.checkpoints import save_checkpoint, same_checkpoint
 
     run_dir, file = Path(run_dir), f"{name}.pt"
-    save_checkpoint(run_dir / "checkpoints" / file, model, {**meta, "name": name, "epoch": epoch})
+    meta = {**meta, "name": name, "epoch": epoch}
+    if not same_checkpoint(run_dir / "checkpoints" / file, model, meta):  # unchanged weights keep their hash
+        save_checkpoint(run_dir / "checkpoints" / file, model, meta)
     index = read_index(run_dir, required=False)
     row = pd.DataFrame([{"name": name, "epoch": epoch, "log10_loss": log10_loss,
                          "threshold_log10": threshold_log10, "file": file,
@@ -365,7 +367,9 @@ def write_view(run_dir: Path, settings_id: str, texts: dict[str, str], *, curren
     """Write one settings set's merged files as a new view folder and link it into place (and make it the
     current set). Views of this set no longer linked are removed afterwards."""
     robustness = run_dir / ROBUSTNESS
-    name = f"{settings_id}-{digest({k: texts[k] for k in sorted(texts)})}"
+    name = f"{settings_id}-{digest({k: texts[k] for k in sorted(texts) if k != SETTINGS_FILE})}"
+    # the view's name travels inside it, so a copy of the run made without links keeps its identity
+    texts = {**texts, SETTINGS_FILE: json_text({**json.loads(texts[SETTINGS_FILE]), "view": name})}
     view = robustness / "views" / name
     if not view.is_dir():
         tmp = Path(tempfile.mkdtemp(dir=robustness / "views" if (robustness / "views").is_dir()
@@ -429,7 +433,7 @@ class Results:
 
     @property
     def view(self) -> str:
-        return self.folder.name
+        return str(self.settings.get("view", self.folder.name))
 
     def frame(self, name: str) -> pd.DataFrame:
         if name not in self._frames:
@@ -479,7 +483,7 @@ class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise UserError(f"run directory {self.path} does not exist" if not self.path.exists()
+            raise UserError(f"run directory {self.path} does not exist (no config.toml)" if not self.path.exists()
                             else f"{self.path} is a file, not a run directory")
         if not (self.path / CONFIG).is_file():
             raise UserError(f"{self.path} is not a run directory (no config.toml)")
