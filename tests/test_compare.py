@@ -16,7 +16,7 @@ from tinysweep import NAMES
 @pytest.fixture(scope="module")
 def compared(swept, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "out"
-    shutil.copytree(swept / "out", out)
+    shutil.copytree(swept / "out", out, symlinks=True)
     assert main(["compare", str(out)]) == 0
     return out
 
