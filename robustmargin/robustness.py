@@ -26,8 +26,9 @@ from robustmargin.attacks.runner import (
 from robustmargin import distributed
 from robustmargin.distributed import World
 from robustmargin.errors import UserError
-from robustmargin.rundir import (DISTANCE_COLUMNS, SETTINGS_FILE, SPLITS, AttackSettings, Run, Unit, json_text,
-                                 merge_lock, part_path, read_part, record_request, write_part, write_view)
+from robustmargin.rundir import (DISTANCE_COLUMNS, SETTINGS_FILE, SPLITS, AttackSettings, Run, Unit,
+                                 adversarials_file, json_text, merge_lock, npz_bytes, part_path, read_adversarials,
+                                 read_part, record_request, write_adversarials, write_part, write_view)
 
 
 DEFAULT_POINTS = 101
@@ -277,6 +278,8 @@ def _attack_batch(model: torch.nn.Module, x: Tensor, y: Tensor, start: int, batc
     xb, yb = x[start:start + batch_size], y[start:start + batch_size]
     result = run_attack(model, xb.to(device), yb.to(device), name, batch_size=batch_size, device=device, **options)
     k = len(xb)
+    # the verified points first: the CSV, written last, marks the batch finished
+    write_adversarials(part, result.adversarials.detach().float().cpu().numpy())
     write_part(part, pd.DataFrame({
         "index": range(start, start + k),
         "label": yb.tolist(),
@@ -296,10 +299,11 @@ def _csv_text(frame: pd.DataFrame) -> str:
 
 
 def collect(run_dir: Path, settings: AttackSettings, *, labels: dict[str, list[int]],
-            index: pd.DataFrame) -> pd.DataFrame:
-    """The part rows of every (checkpoint in `index`, split) whose batches under `settings` are all finished.
-    `labels` are each split's labels (at least the first `settings.points`)."""
-    frames = []
+            index: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The part rows of every (checkpoint in `index`, split) whose batches under `settings` are all finished,
+    and their verified points, row for row (None if a part predates them). `labels` are each split's labels
+    (at least the first `settings.points`)."""
+    frames, images = [], []
     for r in index.itertuples(index=False):
         for split in SPLITS:
             if split not in labels or len(labels[split]) < settings.points:
@@ -312,19 +316,23 @@ def collect(run_dir: Path, settings: AttackSettings, *, labels: dict[str, list[i
                 frame.insert(0, "checkpoint", u.checkpoint)
                 frame.insert(1, "split", split)
                 frame.insert(2, "attack", u.attack)
-                group.append(frame)
+                group.append((frame, read_adversarials(part_path(run_dir, u, settings), len(frame))))
             else:
-                frames += group
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=list(DISTANCE_COLUMNS) + ["seconds", "forwards", "backwards"])
+                frames += [f for f, _ in group]
+                images += [i for _, i in group]
+    if not frames:
+        return pd.DataFrame(columns=list(DISTANCE_COLUMNS) + ["seconds", "forwards", "backwards"]), None
+    return (pd.concat(frames, ignore_index=True),
+            np.concatenate(images) if all(i is not None for i in images) else None)
 
 
 def merge_results(run: Run, settings: AttackSettings, *, labels: dict[str, list[int]],
                   index: pd.DataFrame) -> None:
     """Rebuild the view of `settings` (this set only) from all its parts and make it the current results."""
     with merge_lock(run.path):
-        parts = collect(run.path, settings, labels=labels, index=index)
-        write_view(run.path, settings.id, _result_texts(parts, settings, index))
+        parts, images = collect(run.path, settings, labels=labels, index=index)
+        write_view(run.path, settings.id, {**_result_texts(parts, settings, index),
+                                           **_best_adversarials(parts, images)})
 
 
 def _result_texts(parts: pd.DataFrame, settings: AttackSettings, index: pd.DataFrame) -> dict[str, str]:
@@ -341,6 +349,21 @@ def _result_texts(parts: pd.DataFrame, settings: AttackSettings, index: pd.DataF
     return {"distances.csv": _csv_text(distances), "curves.csv": _csv_text(curves_frame(distances)),
             "costs.csv": _csv_text(costs), "points.csv": _csv_text(point_summary(distances)),
             SETTINGS_FILE: json_text(record)}
+
+
+def _best_adversarials(parts: pd.DataFrame, images: np.ndarray | None) -> dict[str, bytes]:
+    """Per (checkpoint, split), the adversarial of each point that the best attack found (npz: index, x);
+    points no attack succeeded on, or misclassified, have none."""
+    if images is None or parts.empty:
+        return {}
+    d = parts["distance"].astype(float).to_numpy()
+    ok = parts[np.isfinite(d) & (d > 0)]
+    out = {}
+    for (checkpoint, split), group in ok.groupby(["checkpoint", "split"], sort=False):
+        best = group.loc[group.groupby("index", sort=True)["distance"].idxmin()]
+        out[adversarials_file(checkpoint, split)] = npz_bytes(index=best["index"].to_numpy(np.int64),
+                                                              x=images[best.index.to_numpy()])
+    return out
 
 
 def point_summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 
 from robustmargin.errors import UserError
@@ -330,6 +332,30 @@ def write_part(part: Path, frame: pd.DataFrame) -> None:
     atomic_write_csv(part, frame[list(PART_COLUMNS)])
 
 
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_adversarials(part: Path, x: np.ndarray) -> None:
+    """A batch's verified points (the input where the attack failed), beside its part file."""
+    atomic_write(part.with_suffix(".npz"), lambda tmp: Path(tmp).write_bytes(npz_bytes(x=x)))
+
+
+def read_adversarials(part: Path, n: int) -> np.ndarray | None:
+    try:
+        with np.load(part.with_suffix(".npz"), allow_pickle=False) as f:
+            x = f["x"]
+    except (OSError, ValueError, KeyError):
+        return None  # parts written before adversarials were kept
+    return x if len(x) == n else None
+
+
+def adversarials_file(checkpoint: str, split: str) -> str:
+    return f"adversarials-{checkpoint}-{split}.npz"
+
+
 # ----------------------------------------------------------------------------- views of the parts
 
 @contextlib.contextmanager
@@ -363,19 +389,24 @@ def _link(path: Path, target: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_view(run_dir: Path, settings_id: str, texts: dict[str, str], *, current: bool = True) -> Path:
+def write_view(run_dir: Path, settings_id: str, texts: dict[str, str | bytes], *, current: bool = True) -> Path:
     """Write one settings set's merged files as a new view folder and link it into place (and make it the
     current set). Views of this set no longer linked are removed afterwards."""
     robustness = run_dir / ROBUSTNESS
-    name = f"{settings_id}-{digest({k: texts[k] for k in sorted(texts) if k != SETTINGS_FILE})}"
+    content = {k: v if isinstance(v, str) else hashlib.sha256(v).hexdigest() for k, v in texts.items()
+               if k != SETTINGS_FILE}
+    name = f"{settings_id}-{digest(content)}"
     # the view's name travels inside it, so a copy of the run made without links keeps its identity
     texts = {**texts, SETTINGS_FILE: json_text({**json.loads(texts[SETTINGS_FILE]), "view": name})}
     view = robustness / "views" / name
     if not view.is_dir():
         tmp = Path(tempfile.mkdtemp(dir=robustness / "views" if (robustness / "views").is_dir()
                                     else _mkdir(robustness / "views"), prefix=".new-"))
-        for file, text in texts.items():
-            atomic_write_text(tmp / file, text)
+        for file, content in texts.items():
+            if isinstance(content, bytes):
+                atomic_write(tmp / file, lambda t, c=content: Path(t).write_bytes(c))
+            else:
+                atomic_write_text(tmp / file, content)
         os.replace(tmp, view)
         fsync_path(view.parent)
     (robustness / "settings").mkdir(exist_ok=True)
@@ -460,6 +491,14 @@ class Results:
     @property
     def curves(self) -> pd.DataFrame:
         return self.frame("curves")
+
+    def adversarials(self, checkpoint: str, split: str) -> dict[int, np.ndarray]:
+        """index → the best adversarial image found for that point (points with none are absent)."""
+        path = self.folder / adversarials_file(checkpoint, split)
+        if not path.is_file():
+            return {}
+        with np.load(path, allow_pickle=False) as f:
+            return {int(i): x for i, x in zip(f["index"], f["x"])}
 
     def pairs(self) -> list[tuple[str, str, str]]:
         """(checkpoint, split, sha256) of every merged result."""
@@ -711,6 +750,18 @@ class Run:
     def notes(self) -> list[str]:
         path = self.path / NOTES
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line] if path.is_file() else []
+
+
+def adversarial_examples(run_dir: str | Path, checkpoint: str | None = None, split: str = "test"
+                         ) -> dict[int, np.ndarray]:
+    """index → the best adversarial image of each attacked point of `split` at `checkpoint` (default: the
+    last in the index), from the run's current attack results."""
+    run = Run(run_dir)
+    results = run.fresh_results()
+    if results is None:
+        raise UserError(f"{run.path} has no attack results; run `robustmargin attack` first")
+    name = checkpoint or str(run.checkpoints()["name"].iloc[-1])
+    return results.adversarials(name, split)
 
 
 def load_split(run_dir: str | Path, split: str):

@@ -269,3 +269,20 @@ def test_sweep_reuses_an_attack_only_under_its_own_settings(run):
     assert not _stage_done(run, "attack", 8)
     robustness.evaluate_run(run, n=2, progress=False)  # the sweep's settings: the fast ensemble
     assert _stage_done(run, "attack", 2) and not _stage_done(run, "attack", 8)
+
+
+def test_best_adversarials_are_kept_and_verified(run):
+    from robustmargin import rundir as rd
+
+    attack(run, "--split", "test", "--checkpoints", "model-2", "--attacks", "ddn,fmn")
+    r = Run(run)
+    found = rd.adversarial_examples(run, "model-2", "test")
+    points = r.results().points.set_index("index")
+    x, y = r.split("test")
+    model = r.load_model("model-2.pt")
+    finite = points[np.isfinite(points["distance"]) & (points["distance"] > 0)]
+    assert sorted(found) == sorted(finite.index) and len(found) > 0
+    for i, adv in found.items():
+        adv = torch.as_tensor(adv)
+        assert float((adv - x[i]).norm()) == pytest.approx(finite.loc[i, "distance"], rel=1e-5)
+        assert int(model(adv[None]).argmax()) != int(y[i])  # each one misclassified
