@@ -34,6 +34,7 @@ METRIC_COLUMNS = ("epoch", "log10_loss", "train_acc", "test_acc", "normalized_ma
 DISTANCE_COLUMNS = ("checkpoint", "split", "index", "label", "correct", "attack", "distance")
 CURVE_COLUMNS = ("checkpoint", "split", "epsilon", "robust_accuracy")
 EPSILON_QUANTILES = {"small": 0.25, "medium": 0.5, "large": 0.75}
+SPREAD_DOUBT = 1.05  # attacks disagreeing by more than 5 % on a point: its distance is the least certain
 MAX_MARGIN_POINTS = 10000  # per checkpoint and split in margins.csv: enough for a distribution plot
 
 # Certified radii come from float32 logits and attack distances from float32 images; a certified
@@ -58,6 +59,13 @@ DESCRIPTIONS = {
                             "certified radius, median best attack distance (misclassified points count as 0), "
                             "median of distance/radius over correctly classified points, robust accuracy at "
                             "three ε (quartiles of all attack distances), KKT residuals (training set).",
+    "robust_accuracy": "Robust accuracy (fraction of the attacked points whose best attack distance exceeds "
+                       "ε; misclassified points count as not robust) with a 95 % Wilson interval, at the ε "
+                       "chosen with --eps (source chosen) or else at the quartiles of all attack distances "
+                       "(source quartile).",
+    "summary": "Per checkpoint and split, over the attacked points (else the whole split): clean accuracy, "
+               "median best attack distance with a 95 % bootstrap interval, median certified radius, and the "
+               "points whose attacks disagree by more than 5 % (doubtful; `--budget strong` tightens them).",
     "claims": "The paper's claims checked on this run: one row per claim, split and statistic, with a 95 % "
               "interval (percentile bootstrap, paired over points) where the quantity is a sample. The verdict "
               "(held, did not hold, inconclusive) is the claim's for that split, decided by intervals; the "
@@ -332,6 +340,62 @@ def pick_epsilons(best: pd.DataFrame | None) -> dict[str, float]:
     if not len(d):
         return {k: math.nan for k in EPSILON_QUANTILES}
     return {k: float(f"{np.quantile(d, q):.2g}") for k, q in EPSILON_QUANTILES.items()}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default): sound at 0 and 1 and for small n."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def robust_accuracy_table(best: pd.DataFrame | None, epsilons: list[float] | None) -> pd.DataFrame:
+    """Robust accuracy per checkpoint, split and ε with its 95 % (Wilson) interval over the attacked points:
+    at the chosen ε, or else at the quartiles of all distances (source says which)."""
+    columns = ["checkpoint", "split", "epsilon", "source", "n", "robust_accuracy", "ci_low", "ci_high"]
+    if best is None or best.empty:
+        return pd.DataFrame(columns=columns)
+    source = "chosen" if epsilons else "quartile"
+    grid = list(epsilons) if epsilons else sorted({e for e in pick_epsilons(best).values() if math.isfinite(e)})
+    rows = []
+    for (checkpoint, split), part in best.groupby(["checkpoint", "split"], sort=False):
+        d = part["distance"].to_numpy(float)
+        for eps in grid:
+            k = int((d > eps).sum())
+            low, high = wilson_interval(k, len(d))
+            rows.append({"checkpoint": checkpoint, "split": split, "epsilon": eps, "source": source, "n": len(d),
+                         "robust_accuracy": k / len(d), "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summary_table(stats: list[CheckpointStats], best: pd.DataFrame | None, points: pd.DataFrame | None
+                  ) -> pd.DataFrame:
+    """The numbers a reader wants first, per checkpoint and split: clean accuracy, median attack distance
+    with a 95 % bootstrap interval, median certified radius, and how many points the attacks disagree on."""
+    from robustmargin.stats import bootstrap_interval
+
+    rows = []
+    for s in stats:
+        for split, st in s.splits.items():
+            row = {"checkpoint": s.name, "split": split, "n": len(st.eval_index),
+                   "clean_accuracy": float((st.margins[st.eval_index] > 0).mean()),
+                   "median_distance": math.nan, "median_low": math.nan, "median_high": math.nan,
+                   "median_radius": float(np.median(st.radii)) if st.radii is not None else math.nan,
+                   "doubtful": pd.NA}
+            part = None if best is None else best[(best["checkpoint"] == s.name) & (best["split"] == split)]
+            if part is not None and len(part):
+                d = part["distance"].to_numpy(float)
+                est, low, high = bootstrap_interval(np.median, d, n_boot=N_BOOT)
+                row.update(median_distance=est, median_low=low, median_high=high)
+            if points is not None:
+                p = points[(points["checkpoint"] == s.name) & (points["split"] == split)]
+                if len(p):
+                    row["doubtful"] = int((p["spread"].astype(float) > SPREAD_DOUBT).sum())
+            rows.append(row)
+    return pd.DataFrame(rows).astype({"doubtful": "Int64"})
 
 
 def margin_vs_robustness(stats: list[CheckpointStats], best: pd.DataFrame | None,
@@ -631,6 +695,19 @@ def _check_labels(distances: pd.DataFrame, data: dict) -> None:
                             f"{int(r['label'])} but the run's data has {int(y[int(r['index'])])}")
 
 
+def check_epsilons(epsilons) -> list[float]:
+    """ε given as numbers or a comma list: finite, non-negative, sorted, no repeats."""
+    if isinstance(epsilons, str):
+        try:
+            epsilons = [float(e) for e in epsilons.split(",") if e.strip()]
+        except ValueError:
+            raise UserError(f"--eps must be a comma list of numbers, got {epsilons!r}") from None
+    values = sorted({float(e) for e in epsilons})
+    if not values or not all(math.isfinite(e) and e >= 0 for e in values):
+        raise UserError(f"ε must be finite and non-negative numbers, got {list(epsilons)}")
+    return values
+
+
 def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
@@ -641,14 +718,16 @@ def _check_device(device: str) -> None:
 
 
 def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 100, progress: bool = True,
-                write: bool = True) -> Analysis:
+                write: bool = True, epsilons: list[float] | None = None) -> Analysis:
     """Compute every table of a run and (by default) write them under RUN/tables and RUN/robustness.
 
     Works the same for a trained run and a user's model: what does not apply to the network is left out
     with a one-line note (tables/notes.txt). Attack results computed on an earlier version of a checkpoint
-    file are refused, never used."""
+    file are refused, never used. `epsilons` (else those chosen by `attack --eps`, else the quartiles of the
+    distances) are where tables/robust_accuracy.csv gives robust accuracy with intervals."""
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     _check_device(device)
+    chosen = check_epsilons(epsilons) if epsilons is not None else run.epsilons()
     if kkt_k < 1:
         raise UserError(f"kkt_k must be at least 1, got {kkt_k}")
     metrics = run.metrics()
@@ -690,7 +769,9 @@ def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 
               "lipschitz": lipschitz_table(stats),
               "kkt": kkt_table(stats),
               "margin_vs_robustness": margin_vs_robustness(stats, best, epsilons),
-              "margins": margins_table(stats)}
+              "margins": margins_table(stats),
+              "robust_accuracy": robust_accuracy_table(best, chosen),
+              "summary": summary_table(stats, best, None if results is None else results.points)}
     if metrics is not None:
         grid = [e for e in epsilons.values() if math.isfinite(e)]
         tables["claims"] = claims_table(metrics, tables, None if results is None else results.points,

@@ -150,19 +150,27 @@ def certified_figure(certified: pd.DataFrame, best: pd.DataFrame, order: list[st
     return fig
 
 
-def margin_distribution_figure(margins: pd.DataFrame, order: list[str]) -> Figure:
-    """ECDF of per-sample layer-wise normalized margins per checkpoint (robust to very different scales)."""
+def margin_distribution_figure(margins: pd.DataFrame, order: list[str]) -> Figure | None:
+    """ECDF of per-sample layer-wise normalized margins per checkpoint (robust to very different scales); of the
+    plain margins q_n where no layer-wise normalization applies (a user's model)."""
+    column, label = "normalized_margin_layerwise", SAMPLE_LAYERWISE
+    if not np.isfinite(margins[column].to_numpy(float)).any():
+        column, label = "margin", r"$q_n$ (logit margin)"
+    margins = margins[np.isfinite(margins[column].to_numpy(float))]
     splits = [s for s in ("train", "test") if (margins["split"] == s).any()]
+    if not splits:
+        return None
     with _style():
         fig, axes = _figure(len(splits))
         for ax, split in zip(axes, splits):
             part = margins[margins["split"] == split]
             present = [n for n in order if (part["checkpoint"] == n).any()]
-            sns.ecdfplot(part, x="normalized_margin_layerwise", hue="checkpoint", hue_order=present, ax=ax)
+            sns.ecdfplot(part, x=column, hue="checkpoint", hue_order=present, ax=ax)
             ax.axvline(0, color="grey", lw=0.8)
             ax.xaxis.set_major_locator(MaxNLocator(6))  # margins have long tick labels
-            ax.set(xlabel=SAMPLE_LAYERWISE, ylabel="cumulative fraction of points",
-                   title=f"Margin distribution, {split} set")
+            per = part.groupby("checkpoint").size()
+            ax.set(xlabel=label, ylabel="cumulative fraction of points",
+                   title=f"Margin distribution, {split} set (n = {int(per.max())} per checkpoint)")
     return fig
 
 
@@ -215,6 +223,32 @@ def trends_figure(table1: pd.DataFrame, lipschitz: pd.DataFrame, kkt: pd.DataFra
             ax.invert_xaxis()  # training proceeds to the right
             if ax.has_data():
                 ax.legend(fontsize=8)
+    return fig
+
+
+def adversarial_figure(examples: list[tuple[str, np.ndarray, np.ndarray, float]]) -> Figure:
+    """One row per example (label, original, adversarial, distance): the original, the adversarial, and the
+    perturbation amplified to the full colour range."""
+    def image(a: np.ndarray) -> np.ndarray:
+        return a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))
+
+    with _style():
+        fig = Figure(figsize=(7.5, 2.5 * len(examples)), layout="constrained")
+        axes = fig.subplots(len(examples), 3, squeeze=False)
+        for row, (label, x, adv, distance) in zip(axes, examples):
+            delta = adv - x
+            scale = float(np.abs(delta).max()) or 1.0
+            gray = "gray" if x.shape[0] == 1 else None
+            row[0].imshow(image(x), cmap=gray, vmin=0, vmax=1)
+            row[1].imshow(image(np.clip(adv, 0, 1)), cmap=gray, vmin=0, vmax=1)
+            amplified = image(delta / scale)
+            row[2].imshow(amplified if x.shape[0] == 1 else 0.5 + amplified / 2, cmap="RdBu_r" if gray else None,
+                          vmin=-1 if gray else 0, vmax=1)
+            row[0].set_title(f"{label}: original")
+            row[1].set_title(f"adversarial, L2 distance {distance:.3g}")
+            row[2].set_title(f"perturbation ×{1 / scale:.3g}")
+            for ax in row:
+                ax.set_axis_off()
     return fig
 
 

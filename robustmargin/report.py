@@ -12,22 +12,60 @@ import html
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from robustmargin import figures
-from robustmargin.analysis import CLAIMS, best_distances, describe
+from robustmargin.analysis import CLAIMS, SPREAD_DOUBT, best_distances, check_epsilons, describe, robust_accuracy_table
 from robustmargin.fileio import atomic_write_text
 from robustmargin.rundir import Results, Run, describe_settings
 
 REQUIRED_TABLES = ("table1", "lipschitz", "kkt", "margin_vs_robustness")
-SPREAD_DOUBT = 1.05  # attacks disagreeing by more than 5 % on a point: its distance is the least certain
+SHOWN_TABLES = ("summary", "robust_accuracy", *REQUIRED_TABLES)
+TABLE_TITLES = {"table1": "The paper's Table 1", "summary": "Summary", "robust_accuracy": "Robust accuracy",
+                "lipschitz": "Lipschitz bound per layer", "kkt": "KKT residuals",
+                "margin_vs_robustness": "Margins against robustness"}
 
 
 # ----------------------------------------------------------------------------- reading
 
 def read_tables(run: Run) -> dict[str, pd.DataFrame]:
-    names = REQUIRED_TABLES + tuple(n for n in ("margins", "claims") if (run.path / "tables" / f"{n}.csv").is_file())
+    optional = ("margins", "claims", "summary", "robust_accuracy")
+    names = REQUIRED_TABLES + tuple(n for n in optional if (run.path / "tables" / f"{n}.csv").is_file())
     return {n: run.table(n) for n in names}
+
+
+def _percent(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def summary_html(run: Run, tables: dict[str, pd.DataFrame], settings: str | None) -> list[str]:
+    """The card at the top: for the last checkpoint, per split, clean accuracy, median distance with its
+    interval, robust accuracy at the chosen ε, the certified radius where it applies, the attack settings,
+    and the points in doubt with the command that tightens them."""
+    summary = tables.get("summary")
+    if summary is None or summary.empty:
+        return []
+    last = str(summary["checkpoint"].iloc[-1])
+    acc = tables.get("robust_accuracy", pd.DataFrame(columns=["checkpoint"]))
+    items = []
+    for r in summary[summary["checkpoint"] == last].itertuples(index=False):
+        line = f"<b>{html.escape(r.split)}</b> ({r.n} points): clean accuracy {_percent(r.clean_accuracy)}"
+        if math.isfinite(r.median_distance):
+            line += (f"; median L2 distance {r.median_distance:.4g} [{r.median_low:.4g}, {r.median_high:.4g}]")
+        for a in acc[(acc["checkpoint"] == last) & (acc["split"] == r.split)].itertuples(index=False):
+            line += (f"; robust accuracy at ε = {a.epsilon:g}{'' if a.source == 'chosen' else ' (quartile)'}: "
+                     f"{_percent(a.robust_accuracy)} [{_percent(a.ci_low)}, {_percent(a.ci_high)}]")
+        if math.isfinite(r.median_radius):
+            line += f"; median certified radius {r.median_radius:.4g}"
+        if not pd.isna(r.doubtful) and r.doubtful:
+            line += (f"; {r.doubtful} doubtful points (attacks disagree by more than 5 %; tighten them with "
+                     f"<code>robustmargin attack --run {html.escape(str(run.path))} --budget strong</code>)")
+        items.append(f"<li>{line}</li>")
+    where = f"<p>Settings: {html.escape(settings)}.</p>" if settings else "<p>No attack results yet.</p>"
+    return [f"<div class='card' id='summary'><h2>Summary: checkpoint {html.escape(last)}</h2><ul>{''.join(items)}"
+            f"</ul>{where}<p class='desc'>95 % intervals: bootstrap for the median, Wilson for accuracies.</p>"
+            f"</div>"]
 
 
 def attack_doubt(points: pd.DataFrame) -> pd.DataFrame:
@@ -68,10 +106,55 @@ def build_figures(run: Run, metrics: pd.DataFrame | None, tables: dict[str, pd.D
         "trends": lambda: (figures.trends_figure(tables["table1"], tables["lipschitz"], kkt,
                                                  tables["margin_vs_robustness"])
                            if len(tables["table1"]) >= 2 else None),
+        "adversarials": lambda: adversarial_examples_figure(run, results, order),
     }
     if metrics is None:  # an external model has no training history
         builders = {k: v for k, v in builders.items() if k not in TRAINING_FIGURES}
     return figures.make_figures(run.path, builders)
+
+
+def adversarial_examples_figure(run: Run, results: Results | None, order: list[str]):
+    """Original, adversarial and amplified perturbation for the points of smallest, median and largest
+    distance, at the last attacked checkpoint (test split where attacked)."""
+    if results is None:
+        return None
+    points = results.points
+    points = points[np.isfinite(points["distance"].astype(float)) & (points["distance"].astype(float) > 0)]
+    if points.empty:
+        return None
+    attacked = [c for c in order if (points["checkpoint"] == c).any()]
+    checkpoint = attacked[-1] if attacked else str(points["checkpoint"].iloc[-1])
+    part = points[points["checkpoint"] == checkpoint]
+    split = "test" if (part["split"] == "test").any() else str(part["split"].iloc[0])
+    part = part[part["split"] == split].sort_values("distance", kind="stable")
+    found = results.adversarials(checkpoint, split)
+    if not found:
+        return None
+    x = run.split(split)[0]
+    chosen = dict.fromkeys([0, len(part) // 2, len(part) - 1])
+    examples = []
+    for label, k in zip(("smallest", "median", "largest"), chosen):
+        r = part.iloc[k]
+        if int(r["index"]) in found:
+            examples.append((f"{label} (#{int(r['index'])})", x[int(r["index"])].numpy(), found[int(r["index"])],
+                             float(r["distance"])))
+    return figures.adversarial_figure(examples) if examples else None
+
+
+def figure_counts(results: Results | None, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Captions that say how many points each figure covers."""
+    out = {}
+    if results is not None:
+        per = results.points.groupby(["checkpoint", "split"]).size().groupby("split").max()
+        n = ", ".join(f"{split} {k}" for split, k in per.items())
+        out["robust_accuracy"] = f"{CAPTIONS['robust_accuracy']} Points per checkpoint: {n}."
+        out["adversarials"] = (f"{CAPTIONS['adversarials']} Attacked points per checkpoint: {n}.")
+    summary = tables.get("summary")
+    if summary is not None and "certified_vs_attacks" in CAPTIONS:
+        per = summary.groupby("split")["n"].max()
+        out["certified_vs_attacks"] = (f"{CAPTIONS['certified_vs_attacks']} Points per checkpoint: "
+                                       f"{', '.join(f'{s} {k}' for s, k in per.items())}.")
+    return out
 
 
 TRAINING_FIGURES = ("loss", "margins", "accuracy")
@@ -90,6 +173,9 @@ CAPTIONS = {
                             "and robust accuracy under the attacks (solid, an upper bound), on a log ε axis.",
     "margin_distribution": "Distribution of per-sample layer-wise normalized margins per checkpoint.",
     "kkt": "KKT residuals of the max-margin problem per checkpoint (both go to 0 at a KKT point).",
+    "adversarials": "The best adversarial found for the points of smallest, median and largest attack distance "
+                    "(last attacked checkpoint): original, adversarial, and the perturbation amplified to the full "
+                    "colour range.",
     "trends": "Per checkpoint against its training loss (log10; training proceeds to the right): normalized "
               "margins, the Lipschitz product ∏σ_i and the parameter-norm product ∏ρ_i^a_i, KKT residuals, "
               "and the median attack distance per split (where attacked).",
@@ -111,7 +197,8 @@ th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 .warn { background: #fff4d6; border: 1px solid #e0b84c; padding: 0.5em 1em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
-.scroll { overflow-x: auto; } .desc { color: #555; font-size: 0.9em; max-width: 60em; }
+.scroll { overflow-x: auto; max-width: 100%; } .desc { color: #555; font-size: 0.9em; max-width: 60em; }
+.card { background: #f3f7fb; border: 1px solid #b8cce0; padding: 0.5em 1.2em; margin: 1em 0; }
 """
 
 
@@ -169,21 +256,34 @@ def image_html(name: str, path: Path, caption: str | None = None) -> str:
 
 def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, tables: dict[str, pd.DataFrame],
                 figure_paths: dict[str, Path], warnings: list[str], attacks: list[str] = (),
-                theory: list[str] = ()) -> str:
+                theory: list[str] = (), summary: list[str] = (), captions: dict[str, str] | None = None,
+                history: bool = True) -> str:
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>robustmargin report: "
              f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
              f"<h1>robustmargin report</h1><p class='sub'>run <code>{html.escape(str(run_dir))}</code>, "
              f"written {now}</p>"]
     parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in warnings]
+    parts += list(summary)
     parts += ["<h2>Paper claims</h2>", f"<p class='desc'>{html.escape(describe('claims', claims))}</p>",
               _claims_html(claims)] if claims is not None else []
     parts += list(attacks) + list(theory)
     parts += ["<h2>Tables</h2>"]
-    for name in REQUIRED_TABLES:
-        parts += [f"<h3>{name}</h3><p class='desc'>{html.escape(describe(name, tables[name]))}</p>",
-                  table_html(tables[name], f"table-{name}")]
-    parts += ["<h2>Figures</h2>"] + [image_html(n, p, CAPTIONS.get(n, n)) for n, p in figure_paths.items()]
+    left_out = []
+    for name in SHOWN_TABLES:
+        frame = tables.get(name)
+        shown = None if frame is None else frame.dropna(axis=1, how="all")
+        if shown is None or shown.empty or len(shown.columns) <= 2:  # nothing but checkpoint names
+            left_out.append(name)
+            continue
+        title = TABLE_TITLES[name] if history or name != "table1" else "Margins and accuracy per checkpoint"
+        parts += [f"<h3>{html.escape(title)} <small>(tables/{name}.csv)</small></h3>"
+                  f"<p class='desc'>{html.escape(describe(name, frame))}</p>", table_html(shown, f"table-{name}")]
+    if left_out:
+        parts.append(f"<p class='desc'>Left out, empty for this run: {', '.join(left_out)} "
+                     f"(tables/notes.txt says why).</p>")
+    captions = {**CAPTIONS, **(captions or {})}
+    parts += ["<h2>Figures</h2>"] + [image_html(n, p, captions.get(n, n)) for n, p in figure_paths.items()]
     parts += ["<h2>Configuration</h2>", f"<pre id='config'>{html.escape(config_text)}</pre>", "</body></html>"]
     return "\n".join(parts)
 
@@ -202,9 +302,10 @@ def _theory_html(run_dir: Path) -> list[str]:
             table_html(table, "table-theory")]
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, *, epsilons=None) -> Path:
     """Draw RUN/figures/*.png and write RUN/report.html from the files of an analyzed run. Tables that do not
-    belong to the run as it is now (a checkpoint retrained, new attack results) are refused."""
+    belong to the run as it is now (a checkpoint retrained, new attack results) are refused. `epsilons`
+    replaces the analysis's ε in the summary and the robust-accuracy table (computed from the results)."""
     run = Run(run_dir)
     metrics = run.metrics()
     run.fresh_tables()
@@ -219,7 +320,11 @@ def write_report(run_dir: str | Path) -> Path:
     points = None if results is None else results.points
     attacks = _attacks_html(describe_settings(results.settings) if results is not None else None,
                             attack_doubt(points) if points is not None and len(points) else None)
+    if epsilons is not None and results is not None:
+        tables["robust_accuracy"] = robust_accuracy_table(best_distances(results.distances), check_epsilons(epsilons))
     figure_paths = build_figures(run, metrics, tables, runs, results)
+    settings = describe_settings(results.settings) if results is not None else None
     page = render_html(run.path, (run.path / "config.toml").read_text(), claims, tables, figure_paths, warnings,
-                       attacks, _theory_html(run.path))
+                       attacks, _theory_html(run.path), summary_html(run, tables, settings),
+                       figure_counts(results, tables), run.has_history)
     return atomic_write_text(run.path / "report.html", page)

@@ -699,6 +699,14 @@ class Run:
                             f"version of its file; refresh them with `{settings.command(self.path, names)}`")
         return results
 
+    def epsilons(self) -> list[float] | None:
+        """The ε chosen with `attack --eps` (robustness/epsilons.json), or None."""
+        record = read_json(self.path / ROBUSTNESS / "epsilons.json")
+        return None if record is None else [float(e) for e in record.get("epsilons", [])] or None
+
+    def choose_epsilons(self, epsilons: list[float]) -> None:
+        atomic_write_text(self.path / ROBUSTNESS / "epsilons.json", json_text({"epsilons": list(epsilons)}))
+
     # --- analysis outputs ----------------------------------------------------------------------
     def inputs(self, results: Results | None) -> dict[str, Any]:
         """What the analysis of this run reads: every checkpoint's hash, the results view, metrics.csv."""
