@@ -27,8 +27,14 @@ from robustmargin.usermodel import build_module, check_data, check_outputs, load
 
 def _record_model(run_dir: Path, model: nn.Module) -> None:
     file = run_dir / "checkpoints" / f"{USER_CHECKPOINT}.pt"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(file, lambda tmp: torch.save({"state_dict": state}, tmp))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    try:
+        old = torch.load(file, map_location="cpu", weights_only=True)["state_dict"]
+        same = old.keys() == state.keys() and all(torch.equal(old[k], v) for k, v in state.items())
+    except Exception:  # missing or damaged: write it
+        same = False
+    if not same:  # the same weights keep their file, and so their identity
+        atomic_write(file, lambda tmp: torch.save({"state_dict": state}, tmp))
     write_index(run_dir, pd.DataFrame([{"name": USER_CHECKPOINT, "epoch": 0, "log10_loss": math.nan,
                                         "threshold_log10": math.nan, "file": file.name,
                                         "sha256": file_sha256(file)}]))
@@ -115,7 +121,7 @@ def evaluate(model: nn.Module, x, y=None, *, out: str | Path, attacks: Sequence[
     Returns one row per point (robustness/points.csv): index, label, correct, distance (the per-sample
     minimum over the attacks), best_attack and spread; `robust_accuracy_curve(result["distance"], eps)`
     takes it directly."""
-    from robustmargin.robustness import attack_settings, check_device, evaluate_run
+    from robustmargin.robustness import attack_settings, check_device
 
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,13 +133,22 @@ def evaluate(model: nn.Module, x, y=None, *, out: str | Path, attacks: Sequence[
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"out {out} is a file, not a directory")
-    training = model.training
+    modes = {m: m.training for m in model.modules()}  # evaluated in eval mode, handed back as it came
     model.eval()
     try:
-        for line in check_outputs(model, x, y):
-            _warn(line)
+        return _evaluate(model, x, y, out, attacks=attacks, budget=budget, steps=steps, batch_size=batch_size,
+                         device=device, analyze=analyze, report=report, progress=progress)
     finally:
-        model.train(training)
+        for m, training in modes.items():
+            m.training = training
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, *, attacks, budget, steps, batch_size,
+              device, analyze, report, progress) -> pd.DataFrame:
+    from robustmargin.robustness import evaluate_run
+
+    for line in check_outputs(model, x, y):
+        _warn(line)
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / LIVE_DATA
     if not (data_file.is_file() and _same_data(data_file, x, y)):  # a rerun keeps the file and its SHA-256

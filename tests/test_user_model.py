@@ -1,0 +1,134 @@
+"""A user's own model, first-class: `evaluate` on any module (BatchNorm, residual, numpy arrays, a
+DataLoader), robust accuracy at chosen ε with intervals, a report that shows what applies, warnings for
+traps, SPEC modules from the current directory, and the embedded splits for training one's own model."""
+from __future__ import annotations
+
+import math
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import robustmargin as rm
+from robustmargin.analysis import robust_accuracy_table, wilson_interval
+from robustmargin.cli import main as cli_main
+from robustmargin.data import load_dataset
+from robustmargin.rundir import Run
+from robustmargin.usermodel import state_sha256
+
+FAST = ["--attacks", "ddn", "--steps", "5", "--batch-size", "4", "--quiet"]
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc((h + x).flatten(1))
+
+
+def data(n: int = 12):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 6, 6, generator=g), torch.arange(n) % 3
+
+
+def test_state_hash_of_batchnorm_modules():
+    model = Residual()
+    assert model.bn.num_batches_tracked.dim() == 0
+    before = state_sha256(model)
+    model.bn.num_batches_tracked += 1
+    assert state_sha256(model) != before  # the 0-dim buffer takes part
+
+
+def test_evaluate_batchnorm_residual_gives_one_row_per_point(tmp_path):
+    torch.manual_seed(0)
+    model = Residual()
+    x, y = data()
+    points = rm.evaluate(model, x.numpy(), y.numpy(), out=tmp_path / "r", attacks="ddn", steps=5)
+    assert list(points["index"]) == list(range(12)) and {"distance", "best_attack", "spread"} <= set(points)
+    curve = rm.robust_accuracy_curve(points["distance"], [0.0, 0.5])
+    assert curve[0].item() == pytest.approx(points["correct"].mean())
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "id='summary'" in page and "The paper's Table 1" not in page
+    assert "Margins and accuracy per checkpoint" in page
+    assert "<table" in page and "<th>checkpoint</th>\n    </tr>" not in page  # no table of names alone
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    again = rm.evaluate(model, loader, out=tmp_path / "r", attacks="ddn", steps=5, report=False)
+    pd.testing.assert_frame_equal(again, points)  # the same data through a DataLoader: the same run
+
+
+def test_robust_accuracy_at_chosen_eps_with_wilson_intervals():
+    # reference values of the 95 % Wilson interval
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    best = pd.DataFrame({"checkpoint": "m", "split": "test", "index": range(4), "distance": [0.0, 0.4, 1.2, math.inf]})
+    table = robust_accuracy_table(best, [0.5, 1.0])
+    assert table["robust_accuracy"].tolist() == [0.5, 0.5] and set(table["source"]) == {"chosen"}
+    assert (table["ci_low"] < 0.5).all() and (table["ci_high"] > 0.5).all()
+    assert set(robust_accuracy_table(best, None)["source"]) == {"quartile"}
+
+
+MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def probs():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1))
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 16, bias=False), nn.ReLU(), nn.Linear(16, 10, bias=False))
+""")
+
+
+def test_spec_from_current_directory_warnings_and_eps(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymods.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli_main.main(["attack", "--model", "mymods:probs", "--data", "mnist5k", "--split", "test",
+                          "--out", "p", "--n", "4", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "no --weights given" in err and "look like probabilities" in err
+    import mymods  # the module the SPEC names, trained on the embedded splits as a user would
+
+    model = mymods.mlp()
+    x, y = load_dataset("mnist5k", n_train=500)["train"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    assert cli_main.main(["attack", "--model", "mymods:mlp", "--weights", "mlp.pt", "--data", "mnist5k",
+                          "--split", "test", "--out", "m", "--n", "6", "--attacks", "ddn", "--steps", "60",
+                          "--quiet"]) == 0
+    assert cli_main.main(["analyze", "--run", "m", "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "m" / "tables" / "robust_accuracy.csv")
+    assert set(table["source"]) == {"quartile"}
+    Run(tmp_path / "m").choose_epsilons([0.5, 1.0, 1.5])
+    assert cli_main.main(["analyze", "--run", "m", "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "m" / "tables" / "robust_accuracy.csv")
+    assert table["epsilon"].tolist() == [0.5, 1.0, 1.5] and set(table["source"]) == {"chosen"}
+    assert cli_main.main(["report", "--run", "m"]) == 0
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "robust accuracy at ε = 0.5:" in page and "fig-adversarials" in page
+
+
+def test_load_dataset_gives_the_splits_runs_use():
+    splits = load_dataset("mnist5k", n_train=300, n_test=200)
+    (xt, yt), (xs, ys) = splits["train"], splits["test"]
+    assert len(yt) == 300 and len(ys) == 200
+    assert len(np.unique(yt.numpy())) == 10  # shuffled and stratified, not sorted by class
+    flat = {tuple(v.flatten().tolist()) for v in xt[:50]}
+    assert not any(tuple(v.flatten().tolist()) in flat for v in xs)  # disjoint
+    with pytest.raises(rm.UserError, match="dataset must be one of"):
+        load_dataset("imagenet")
