@@ -10,7 +10,8 @@ from pathlib import Path
 from robustmargin.analysis import analyze_run
 from robustmargin.config import SCHEDULES, Config
 from robustmargin.report import write_report
-from robustmargin.robustness import evaluate_run
+from robustmargin.errors import UserError
+from robustmargin.robustness import check_attack_plan, evaluate_run
 from robustmargin.theory import run_theory
 from robustmargin.train import train
 
@@ -36,6 +37,9 @@ def reproduce(cfg: Config, out: str | Path, *, companions: tuple[str, ...] | Non
     claim compares, so `n` can be large enough for a decisive interval), or every one if `every_checkpoint`.
     Returns the wall time of each stage in seconds."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    check_attack_plan(cfg, n, device=device)  # before any training
     if companions is None:
         companions = tuple(s for s in SCHEDULES if s != cfg.train.schedule)
     seconds: dict[str, float] = {}

@@ -181,6 +181,18 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def check_attack_plan(cfg, n: int, *, device: str = "cpu", **settings) -> None:
+    """Before a run is trained: the attack that will follow it (n points of each split of `cfg`'s data,
+    these attack settings, this device) is possible, so that no training is wasted on a refused attack."""
+    from robustmargin.data import load_data
+
+    attack_settings(points=n, **settings)
+    check_device(device)
+    for split, (_, y) in load_data(cfg.data).items():
+        if n > len(y):
+            raise UserError(f"--n {n} is larger than the {split} split ({len(y)} points)")
+
+
 def check_splits(splits: Sequence[str]) -> tuple[str, ...]:
     for split in splits:
         if split not in SPLITS:

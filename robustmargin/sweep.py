@@ -30,7 +30,7 @@ from robustmargin import distributed
 from robustmargin.config import Config, config_from_dict, load_preset, read_text_file, with_overrides
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
-from robustmargin.robustness import attack_settings
+from robustmargin.robustness import attack_settings, check_attack_plan
 from robustmargin.status import STAGES, is_run, run_status
 
 SWEEP_FILE = "sweep.toml"
@@ -219,6 +219,9 @@ def sweep(config: str | Path, out: str | Path, *, stages: str | tuple[str, ...] 
     spec, chosen, out = read_sweep(config), check_stages(stages), Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    if "attack" in chosen:  # before any run is trained, every run's attack must be possible
+        for point in spec.points:
+            check_attack_plan(point.config, n, device=point.config.train.device)
     claim_directory(out, spec)
     w = distributed.world()
     prefix = f"[sweep rank {w.rank}]" if w.size > 1 else "[sweep]"

@@ -132,3 +132,17 @@ def test_load_dataset_gives_the_splits_runs_use():
     assert not any(tuple(v.flatten().tolist()) in flat for v in xs)  # disjoint
     with pytest.raises(rm.UserError, match="dataset must be one of"):
         load_dataset("imagenet")
+
+
+def test_reproduce_and_sweep_check_the_attack_before_training(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('[data]\nn_train = 60\nn_test = 50\n[model]\nname = "mlp"\nhidden = [4]\n'
+                                     '[train]\nepochs = 1\n')
+    for n in ("0", "60"):
+        assert cli_main.main(["reproduce", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "r"),
+                              "--n", n, "--quiet"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "r").exists()
+    (tmp_path / "s.toml").write_text((tmp_path / "c.toml").read_text() + '[grid]\n"train.seed" = [0, 1]\n')
+    assert cli_main.main(["sweep", "--config", str(tmp_path / "s.toml"), "--out", str(tmp_path / "s"),
+                          "--n", "60", "--quiet"]) == 2
+    assert "larger than the test split (50 points)" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "runs").exists()
