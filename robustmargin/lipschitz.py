@@ -344,13 +344,16 @@ def conv2d_operator_bound(conv: nn.Conv2d, input_shape: Sequence[int]) -> float:
 
 
 def _pool_overlap(kernel, stride, dilation, dims: int) -> int:
-    """The most windows of a pool that contain one input position: ∏ (⌊(k−1)d/s⌋ + 1) (1 when disjoint)."""
+    """The most windows of a pool that contain one input position: ∏ ⌈k·gcd(d, s)/s⌉ (1 when disjoint).
+
+    Per dimension, window o holds position i when i − o·s = t·d for some t < k; the t that occur have one
+    residue t·d mod s, which repeats every s/gcd(d, s) values of t."""
     def per_dim(v):
         return tuple(v) * (dims if len(v) == 1 else 1) if isinstance(v, (tuple, list)) else (v,) * dims
 
     k, d = per_dim(kernel), per_dim(dilation)
     s = per_dim(stride) if stride not in (None, [], ()) else k  # no stride: the kernel size
-    return math.prod((ki - 1) * di // si + 1 for ki, si, di in zip(k, s, d))
+    return math.prod(-(-ki * math.gcd(di, si) // si) for ki, si, di in zip(k, s, d))
 
 
 def _schur_bound(op: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]) -> float:
