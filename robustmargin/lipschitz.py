@@ -251,8 +251,9 @@ def layer_table(model: HomogeneousNet, sigmas: Sequence[float] | None = None) ->
 #   avg-pool, mean, sum  √(‖A‖₁‖A‖_∞), computed exactly from A·1 and Aᵀ·1 (A is linear with entries of one
 #                        sign): 1/√(kh·kw) for non-overlapping full windows, the exact norm there;
 #   flatten, view, reshape keeping the batch dimension, Dropout and Identity in eval mode: 1.
-# Every computed factor (not an exact 1) is multiplied by (1 + ROUNDING) for float64 rounding. The bound describes the model in eval
-# mode, the mode the attacks use; it is computed on a float64 copy, a snapshot of the weights.
+# Every computed factor (not an exact 1) is multiplied by (1 + ROUNDING) for float64 rounding. The bound
+# describes the model in eval mode, the mode the attacks use; it is computed on a float64 copy of the
+# model, a snapshot of its weights.
 
 ROUNDING = 1e-9
 
@@ -356,9 +357,10 @@ def _pool_overlap(kernel, stride, dilation, dims: int) -> int:
     return math.prod(-(-ki * math.gcd(di, si) // si) for ki, si, di in zip(k, s, d))
 
 
-def _schur_bound(op: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]) -> float:
-    """√(‖A‖₁‖A‖_∞) for a linear A whose entries share one sign: row sums A·1, column sums Aᵀ·1 (exact)."""
-    ones = torch.ones(tuple(shape), dtype=torch.float64)
+def _schur_bound(op: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> float:
+    """√(‖A‖₁‖A‖_∞) for a linear A whose entries share one sign, on inputs shaped like `like`: row sums A·1,
+    column sums Aᵀ·1 (exact)."""
+    ones = torch.ones_like(like, dtype=torch.float64)
     rows, vjp = torch.func.vjp(op, ones)
     (cols,) = vjp(torch.ones_like(rows))
     return math.sqrt(float(rows.abs().max()) * float(cols.abs().max()))
@@ -399,24 +401,18 @@ def _hook_reason(model: nn.Module) -> str:
     return ""
 
 
-class _Recorder:
-    """Runs a GraphModule node by node and keeps every node's value."""
+def _record(gm, x: torch.Tensor) -> tuple[object, dict]:
+    """Run a GraphModule node by node: its output and every node's value."""
+    from torch import fx
 
-    def __init__(self, gm):
-        from torch import fx
+    values: dict = {}
 
-        class Interp(fx.Interpreter):
-            def run_node(inner, node):
-                value = super().run_node(node)
-                self.values[node] = value
-                return value
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            values[node] = super().run_node(node)
+            return values[node]
 
-        self.values: dict = {}
-        self.interp = Interp(gm)
-
-    def run(self, x: torch.Tensor):
-        self.values = {}
-        return self.interp.run(x)
+    return Recorder(gm).run(x), values
 
 
 def _call(gm, node, values, replace, v):
@@ -472,7 +468,7 @@ def _module_factor(gm, node, m: nn.Module, values, source) -> tuple[str, float]:
         return "max_pool", math.sqrt(_pool_overlap(m.kernel_size, m.stride, m.dilation, x.dim() - 2))
     if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                 nn.AdaptiveAvgPool3d):
-        return "avg_pool", _schur_bound(lambda v: m(v), x.shape)
+        return "avg_pool", _schur_bound(m, x)
     if kind is nn.Flatten:
         return "flatten", 1.0
     if kind in (nn.Identity, nn.Dropout):  # Dropout is the identity in eval mode
@@ -488,17 +484,19 @@ def _function_factor(gm, node, values, source) -> tuple[str, float]:
         return "relu", 1.0
     if t in _NEG:
         return "neg", 1.0
-    if t is F.leaky_relu or t == "leaky_relu":
-        slope = _kwargs(gm, node).get("negative_slope", 0.01) if t is F.leaky_relu else (
-            node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01))
-        return "leaky_relu", max(1.0, abs(float(slope)))
+    if t is F.leaky_relu:
+        kw = _kwargs(gm, node)
+        factor = max(1.0, abs(float(kw.get("negative_slope", 0.01))))
+        if kw.get("inplace") and factor > 1:  # it would rescale the input for its other users too
+            raise _Refused(f"in-place leaky_relu {node.name} with a slope above 1 rescales its input")
+        return "leaky_relu", factor
     if t is F.dropout and not _kwargs(gm, node).get("training", True):
         return "identity", 1.0
     if t in _RESHAPE:
         return "flatten" if t in (torch.flatten, "flatten") else "view", 1.0
     if t in _AVG:
         return "avg_pool" if t not in (torch.mean, torch.sum, "mean", "sum") else name, _schur_bound(
-            lambda v: _call(gm, node, values, source, v), values[source].shape)
+            lambda v: _call(gm, node, values, source, v), values[source])
     if t in _MAXPOOL:
         kw = _kwargs(gm, node)
         if kw.get("return_indices"):
@@ -531,11 +529,11 @@ def _analyse(gm, values, batch: int) -> tuple[list[BoundRow], dict]:
         if node.op == "get_attr" or not inputs:
             L[node] = 0.0  # does not depend on the input
             continue
-        if node.target in _SHAPE or (node.target is getattr and node.args[1] == "shape") or (
-                node.target is operator.getitem and not isinstance(values[node.args[0]], torch.Tensor)):
-            L[node] = 0.0  # shape information: the same for every input
-            continue
         value = values[node]
+        if node.target in _SHAPE or (node.target in (getattr, operator.getitem)
+                                     and not isinstance(value, torch.Tensor)):
+            L[node] = 0.0  # shapes, dtypes and the like: the same for every input
+            continue
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
             raise _Refused(f"{node.name} does not keep one row per sample")
         t = node.target
@@ -575,9 +573,6 @@ def _analyse(gm, values, batch: int) -> tuple[list[BoundRow], dict]:
             kind, factor = _module_factor(gm, node, modules[node.target], values, source)
         else:
             raise _Refused(f"unsupported node {node.op} ({node.name})")
-        if node.target in ("view", "reshape", torch.reshape, torch.flatten, "flatten") and (
-                values[source].shape[0] != batch):
-            raise _Refused(f"{node.name} reshapes across samples")
         if not math.isfinite(factor):
             raise _Refused(f"{node.name} has no finite Lipschitz factor")
         factor = factor if factor == 1.0 else factor * (1 + ROUNDING)  # 1 is exact
@@ -628,21 +623,22 @@ def graph_bound(model: nn.Module, x_probe: torch.Tensor) -> tuple[GraphBound | N
         return None, "the module takes more than one input"
     device = next(iter(net.state_dict().values()), x_probe).device
     x = x_probe.detach().to(device, torch.float64)
-    recorder = _Recorder(gm)
     try:
         with torch.no_grad():
-            out = recorder.run(x)
+            out, values = _record(gm, x)
             direct = net(x)
     except Exception as err:
         return None, f"the traced module fails on the probe ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x):
         return None, "the module's output is not one row of logits per sample"
-    scale = float(direct.abs().max()) if direct.numel() else 0.0
+    if out.shape[1] == 0:
+        return None, "the module has no outputs"
+    scale = float(out.abs().max())
     if not (isinstance(direct, torch.Tensor) and direct.shape == out.shape
             and float((out - direct).abs().max()) <= 1e-9 * (1 + scale)):
         return None, "the traced graph does not reproduce the module's outputs"
     try:
-        rows, L = _analyse(gm, recorder.values, len(x))
+        rows, L = _analyse(gm, values, len(x))
         with torch.no_grad():
             alone = gm(x[:1])
     except _Refused as err:
@@ -652,7 +648,7 @@ def graph_bound(model: nn.Module, x_probe: torch.Tensor) -> tuple[GraphBound | N
     if float((alone - out[:1]).abs().max()) > 1e-9 * (1 + scale):
         return None, "the module's output for one sample depends on the other samples in the batch"
     out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    source, weight = _last_linear(gm, out_node, recorder.values)
+    source, weight = _last_linear(gm, out_node, values)
     before = L.get(source, 0.0) if source is not None else None
     return GraphBound(rows=rows, total=L.get(out_node, 0.0), before_last=before,
                       input_shape=tuple(x_probe.shape[1:]), net=gm, last_weight=weight), ""

@@ -119,8 +119,8 @@ def test_fast_alma_is_the_authors_100_step_setting(linear):
 def test_first_step_lr_sizes_the_step():
     gen = torch.Generator().manual_seed(0)
     start = torch.rand(5, 1, 4, 4, generator=gen, dtype=torch.float64)
-    grad = torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3],
-                                                                                        dtype=torch.float64).view(-1, 1, 1, 1)
+    scales = torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64).view(-1, 1, 1, 1)
+    grad = torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64) * scales
     for distance in (0.1, 1.0):
         lr = first_step_lr(start, grad, distance, 0.1)
         step = ((start - lr.view(-1, 1, 1, 1) * grad).clamp(0, 1) - start).flatten(1).norm(dim=1)

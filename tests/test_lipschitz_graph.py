@@ -22,7 +22,7 @@ from robustmargin.attacks import minimal_distances
 from robustmargin.errors import UserError
 from robustmargin.lipschitz import (ROUNDING, _pool_overlap, certified_radii, circulant_conv_bound,
                                     conv2d_operator_bound, graph_bound, layer_spectral_norms)
-from robustmargin.models import HomogeneousNet, ModelSpec, build_model
+from robustmargin.models import ModelSpec, build_model
 from test_attack_oracle import make_problem
 
 CLASSES = 3
@@ -377,7 +377,7 @@ def test_batchnorm_and_normalization_factors():
     bound, reason = graph_bound(model, probe((3, 2, 2)))
     factors = {r.kind: r.factor for r in bound.rows}
     assert factors["scale"] == pytest.approx(4.0 * (1 + ROUNDING))
-    expected = float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max())
+    expected = float((bn.weight.detach().abs() / (bn.running_var + bn.eps).sqrt()).max())
     assert factors["batchnorm"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -392,6 +392,14 @@ def test_squared_activations_products_and_batch_statistics_are_refused():
     assert "multiplies two input-dependent" in graph_bound(Product(), probe((1, 2, 2)))[1]
     batch_stats = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
     assert "batch statistics" in graph_bound(batch_stats, probe((1, 2, 2)))[1]
+
+    class InPlaceLeaky(nn.Module):
+        def forward(self, x):
+            x = x.flatten(1)
+            y = F.leaky_relu(x, 2.0, inplace=True)  # x itself becomes leaky(x), up to 2x as steep
+            return y + x
+
+    assert "in-place" in graph_bound(InPlaceLeaky(), probe((1, 2, 2)))[1]
 
     class BatchMean(nn.Module):
         def forward(self, x):
