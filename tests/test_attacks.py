@@ -20,6 +20,7 @@ SHORT = {
     "foolbox-cw": {"steps": 30, "binary_search_steps": 3, "initial_const": 1.0},
     "foolbox-ddn": {"steps": 30},
     "foolbox-fmn": {"steps": 30},
+    "foolbox-hsj": {"steps": 5, "max_gradient_eval_steps": 100},
     "alma": {"steps": 30},
     "apgd": {"steps": 10, "search_steps": 3},
 }

@@ -9,12 +9,20 @@ function P2 of Birgin, Castillo & Martínez (2005):
     P2(g) = μ g + μ ρ g² + ρ² g³ / 6   (g ≥ 0),      μ g / (1 - ρ g)   (g < 0).
 
 Facts of the paper kept here: the first step descends the penalty alone; the multiplier μ
-follows an exponential moving average (weight α = 0.9) of ∂P2/∂g, clipped to [1e-6, 1e12];
+follows an exponential moving average (weight α) of ∂P2/∂g, clipped to [1e-6, 1e12];
 every M = 10 steps ρ grows by γ = 1.2 on samples neither adversarial yet nor with a constraint
-improved by the factor τ = 0.95; steps are RMSProp with momentum (both 0.9, square average
-started at 1), learning rate 0.1 decaying exponentially to 0.1 × 0.01 over the steps that
+improved by the factor τ = 0.95; steps are RMSProp with momentum (both α, square average
+started at 1), learning rate decaying exponentially to lr × 0.01 over the steps that
 follow a sample's first adversarial; iterates are clipped to the box. The smallest adversarial
 seen (the package's criterion) is kept. `restarts` and `seed` work as in DDN (see ddn.py).
+
+Settings. These defaults (1000 steps, α = 0.9, lr = 0.1) are the reference implementation's
+defaults (adv_lib). The authors' MNIST L2 runs also size the first step instead of fixing lr
+(`init_lr_distance` = 0.1): each sample's lr is found by a line search so that a plain gradient
+step from the start, x + δ − lr·∇, clipped to the box, lies at L2 distance 0.1 from x + δ
+(a zero gradient is replaced by a random unit direction; where the box keeps every such step
+shorter, `lr` stays); that lr then holds for every step.
+Their 100-step runs add α = 0.5. The fast budget (runner.FAST_SETTINGS) uses that 100-step setting.
 """
 from __future__ import annotations
 
@@ -59,28 +67,58 @@ def alma(
     gamma: float = 1.2,
     alpha: float = 0.9,
     logit_tolerance: float = 1e-4,
+    init_lr_distance: float | None = None,
     restarts: int = 1,
     seed: int = 0,
 ) -> Tensor:
-    """Untargeted ALMA-L2; returns adversarials (the original input where none was found)."""
+    """Untargeted ALMA-L2; returns adversarials (the original input where none was found).
+
+    With `init_lr_distance`, `lr` is found per sample from the first step's size (module note)."""
     if steps < 1 or check_steps < 1:
         raise UserError("steps and check_steps must be at least 1")
     if not (lr > 0 and 0 < lr_reduction <= 1 and 0 <= alpha < 1):
         raise UserError("ALMA needs lr > 0, 0 < lr_reduction <= 1 and 0 <= alpha < 1")
+    if init_lr_distance is not None and not init_lr_distance > 0:
+        raise UserError("ALMA's init_lr_distance must be positive")
     x = inputs.detach()
     y = labels.detach().to(x.device)
     options = dict(steps=steps, lr=lr, lr_reduction=lr_reduction, mu_init=mu_init, rho_init=rho_init,
-                   check_steps=check_steps, tau=tau, gamma=gamma, alpha=alpha, logit_tolerance=logit_tolerance)
+                   check_steps=check_steps, tau=tau, gamma=gamma, alpha=alpha, logit_tolerance=logit_tolerance,
+                   init_lr_distance=init_lr_distance)
 
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return _alma_run(model, x, y, delta, **options)
+        return _alma_run(model, x, y, delta, generator=generator, **options)
 
     return with_restarts(run, x, restarts=restarts, seed=seed)
 
 
-def _alma_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, steps: int, lr: float, lr_reduction: float,
-              mu_init: float, rho_init: float, check_steps: int, tau: float, gamma: float, alpha: float,
-              logit_tolerance: float) -> tuple[Tensor, Tensor]:
+def first_step_lr(start: Tensor, grad: Tensor, distance: float, fallback: float, *, doublings: int = 40,
+                  bisections: int = 20) -> Tensor:
+    """Per sample, the lr with ||clip(start − lr·grad, 0, 1) − start|| = distance. The length grows with lr
+    and clipping only shortens it, so lr ≥ distance / ||grad||: doubling from there until it is passed,
+    then bisection. Where the box keeps every step shorter than `distance`, `fallback`."""
+    def length(lr: Tensor) -> Tensor:
+        return ((start - batch_view(lr, start) * grad).clamp(0, 1) - start).flatten(1).norm(dim=1)
+
+    low = distance / grad.flatten(1).norm(dim=1).clamp_min(1e-30)
+    high = 2 * low
+    for _ in range(doublings):
+        short = length(high) <= distance
+        if not bool(short.any()):
+            break
+        low, high = torch.where(short, high, low), torch.where(short, 2 * high, high)
+    reached = length(high) > distance
+    for _ in range(bisections):
+        mid = (low + high) / 2
+        long = length(mid) > distance
+        low, high = torch.where(long, low, mid), torch.where(long, mid, high)
+    return torch.where(reached, (low + high) / 2, torch.full_like(low, fallback))
+
+
+def _alma_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator: torch.Generator, steps: int,
+              lr: float, lr_reduction: float, mu_init: float, rho_init: float, check_steps: int, tau: float,
+              gamma: float, alpha: float, logit_tolerance: float,
+              init_lr_distance: float | None) -> tuple[Tensor, Tensor]:
     """One ALMA run from the perturbation `delta`; returns (best norms, best points), inf/x where none."""
     n = x.shape[0]
     mu = torch.full((n,), mu_init, dtype=x.dtype, device=x.device)
@@ -122,8 +160,17 @@ def _alma_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, steps: i
         (grad,) = torch.autograd.grad(objective.sum(), delta)
 
         with torch.no_grad():
+            if i == 0 and init_lr_distance is not None:
+                flat = grad.flatten(1).norm(dim=1) <= 1e-6
+                if bool(flat.any()):  # no direction to size the step on: a random one
+                    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                    noise = noise / batch_view(noise.flatten(1).norm(dim=1), x)
+                    grad = torch.where(batch_view(flat, x), noise, grad)
+                base_lr = first_step_lr(x + delta.detach(), grad, init_lr_distance, lr)
+            elif i == 0:
+                base_lr = torch.full((n,), lr, dtype=x.dtype, device=x.device)
             since = (i - first_found).clamp_min(0) / (steps - first_found).clamp_min(1)
-            step_lr = lr * lr_reduction ** since
+            step_lr = base_lr * lr_reduction ** since
             square_avg = alpha * square_avg + (1 - alpha) * grad.square()
             velocity = alpha * velocity + grad / (square_avg.sqrt() + 1e-8)
             delta = (x + delta - batch_view(step_lr, x) * velocity).clamp(0, 1) - x

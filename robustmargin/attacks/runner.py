@@ -6,14 +6,21 @@ plain L2 distance is measured on the point itself; a point failing the check is 
 failure (distance inf), never a success. Points the model already misclassifies get
 distance 0 and are never attacked. Cost is counted per attack: wall time, and samples
 through the model's forward and backward passes (a counting wrapper around the model).
+
+The model is attacked and re-checked in eval mode (Dropout off, BatchNorm on its running
+statistics, which then stay as they were), whatever mode it comes in; each submodule's
+training flag is restored afterwards (`eval_mode`). Gradient attacks first check on a few
+inputs that the model's outputs have a gradient at all (an argmax or one-hot output has
+none); without one, the decision-based attack foolbox-hsj is the one to use.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +59,9 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "foolbox-cw": {"steps": 100, "binary_search_steps": 4, "initial_const": 0.1, "lr": 0.1},
     "foolbox-ddn": {"steps": 100},
     "foolbox-fmn": {"steps": 100},
-    "alma": {"steps": 100},
+    "foolbox-hsj": {"steps": 40, "max_gradient_eval_steps": 1000},
+    # the authors' 100-step MNIST setting (see alma.py): RMSProp/μ weight 0.5, first step sized to 0.1
+    "alma": {"steps": 100, "alpha": 0.5, "init_lr_distance": 0.1},
     "apgd": {"steps": 10, "search_steps": 10, "restarts": 3},
 }
 # The strong budget: CW at its reference settings, DDN and FMN with random restarts. A single
@@ -70,6 +79,8 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {"fast": FAST_SETTINGS, "referen
 ENSEMBLES: dict[str, tuple[str, ...]] = {"fast": ENSEMBLE, "reference": ENSEMBLE, "strong": ("cw", "ddn", "fmn")}
 
 BOX_TOLERANCE = 1e-6
+DECISION_BASED = frozenset({"foolbox-hsj"})  # attacks that need only the model's decisions
+GRADIENT_PROBE = 8  # inputs on which gradient attacks check that the model has a gradient
 
 
 def get_attack(name: str) -> AttackFn:
@@ -104,6 +115,34 @@ def budget_options(name: str, budget: str, *, steps: int | None = None) -> dict[
 def fast_options(name: str, *, steps: int | None = None) -> dict[str, Any]:
     """The fast-budget hyperparameters of one attack, optionally with `steps` overridden."""
     return budget_options(name, "fast", steps=steps)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; every submodule's training flag as it was afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def check_gradients(model: nn.Module, x: Tensor, name: str) -> None:
+    """UserError unless the outputs on the first few inputs have a nonzero, finite input gradient."""
+    probe = x[:GRADIENT_PROBE].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(probe)
+        grad = None
+        if isinstance(out, Tensor) and out.requires_grad:
+            # a fixed random mix of the outputs: zero only where the whole Jacobian is
+            mix = torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+            (grad,) = torch.autograd.grad((out * mix.to(out.device)).sum(), probe, allow_unused=True)
+    if grad is None or not bool(torch.isfinite(grad).all()) or not bool((grad != 0).any()):
+        what = "no gradient" if grad is None else "a zero or non-finite gradient"
+        raise UserError(f"the model's outputs have {what} with respect to its inputs, so the gradient attack "
+                        f"{name!r} cannot run; use the decision-based attack 'foolbox-hsj'")
 
 
 class CountingModel(nn.Module):
@@ -188,9 +227,26 @@ def run_attack(
 ) -> AttackResult:
     """Attack every correctly classified point of (x, y) in batches; verify and measure each result.
 
-    The model is moved to `device` (default: the device of `x`) and should be in eval mode.
-    `on_batch(k)` is called after each batch with the number of points it held (progress bars).
+    The model is moved to `device` (default: the device of `x`) and attacked in eval mode; its
+    submodules' training flags are restored afterwards. A named gradient attack first checks that
+    the model has input gradients (`check_gradients`). `on_batch(k)` is called after each batch
+    with the number of points it held (progress bars).
     """
+    with eval_mode(model):
+        return _run_attack(model, x, y, attack, batch_size=batch_size, device=device, on_batch=on_batch, **options)
+
+
+def _run_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: str | AttackFn,
+    *,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    **options: Any,
+) -> AttackResult:
     if isinstance(attack, str):
         name, fn = attack, get_attack(attack)
         options = attack_options(attack, options)
@@ -203,6 +259,8 @@ def run_attack(
     dev = torch.device(device) if device is not None else x.device
     model = model.to(dev)
     x_dev, y_dev = x.detach().to(dev), y.detach().to(dev)
+    if isinstance(attack, str) and name not in DECISION_BASED and len(x):
+        check_gradients(model, x_dev, name)
     counter = CountingModel(model)
 
     correct = ~misclassified(model, x_dev, y_dev, batch_size=batch_size)
