@@ -139,10 +139,12 @@ class SplitStats:
 
 @dataclass
 class Applies:
-    """What the analysis can say about one model: a chain of layers for the Lipschitz bound (None: left out),
-    whether it certifies radii, the homogeneity order (None: not homogeneous), and why anything is left out."""
+    """What the analysis can say about one model: for a robustmargin network, its chain of layers (`net`);
+    for any other module, a Lipschitz bound over its traced graph (`bound`, None: left out); whether it
+    certifies radii, its homogeneity order (None: not homogeneous), and why anything is left out."""
 
     net: torch.nn.Module | None
+    bound: object | None  # lipschitz.GraphBound
     certifiable: bool
     order: int | None
     homogeneous: bool
@@ -150,11 +152,11 @@ class Applies:
 
 
 def what_applies(model: torch.nn.Module, x_probe: torch.Tensor) -> Applies:
-    """For a robustmargin network, its declared structure; for any other module, what tracing and a numerical
-    homogeneity test find (robustmargin.usermodel)."""
+    """For a robustmargin network, its declared structure; for any other module, what the graph bound and a
+    numerical homogeneity test find (robustmargin.lipschitz, robustmargin.usermodel)."""
     from robustmargin import lipschitz
     from robustmargin.models import HomogeneousNet
-    from robustmargin.usermodel import homogeneity_order, traced_net
+    from robustmargin.usermodel import homogeneity_order
 
     notes = []
     if isinstance(model, HomogeneousNet):
@@ -164,20 +166,15 @@ def what_applies(model: torch.nn.Module, x_probe: torch.Tensor) -> Applies:
         except UserError:
             certifiable = False
             notes.append("certified radii skipped: the activation is not 1-Lipschitz")
-        return Applies(model, certifiable, model.order, model.is_homogeneous, notes)
-    with torch.no_grad():
-        num_classes = model(x_probe[:1]).shape[1]
-    net, why = traced_net(model, x_probe, num_classes)
-    if net is None:
+        return Applies(model, None, certifiable, model.order, model.is_homogeneous, notes)
+    bound, why = lipschitz.graph_bound(model, x_probe)
+    if bound is None:
         notes.append(f"Lipschitz bound and certified radii left out: {why}.")
-    certifiable = net is not None and isinstance(net.body[-1], torch.nn.Linear)
-    if net is not None and not certifiable:
-        notes.append("certified radii left out: they need a network that ends with its Linear last layer.")
     order = homogeneity_order(model, x_probe)
     if order is None:
         notes.append("normalized margins and KKT residuals left out: f(cθ) ≠ c^L f(θ) numerically "
                      "(the model is not homogeneous in its parameters).")
-    return Applies(net, certifiable, order, order is not None, notes)
+    return Applies(None, bound, bound is not None, order, order is not None, notes)
 
 
 @dataclass
@@ -192,7 +189,9 @@ class CheckpointStats:
     splits: dict[str, SplitStats]
     kkt: dict | None
     order: float = math.nan    # homogeneity order L (NaN: not homogeneous)
-    layerwise: bool = True     # whether ∏ρ_i^a_i is the homogeneous norm product (layer orders sum to L)
+    layerwise: bool = True     # whether ∏ρ_i^a_i is the homogeneous norm product (a robustmargin network)
+    bound: float | None = None  # a graph's Lipschitz bound (a user's module), in place of ∏σ_i
+    graph_rows: list[dict] = field(default_factory=list)  # its operations that are not 1-Lipschitz
 
     @property
     def rho(self) -> float:
@@ -206,6 +205,8 @@ class CheckpointStats:
 
     @property
     def sigma_product(self) -> float:
+        if self.bound is not None:
+            return self.bound
         return math.prod(self.sigmas) if self.sigmas else math.nan
 
 
@@ -222,7 +223,7 @@ def checkpoint_stats(model, applies: Applies, name: str, epoch: int, data: dict[
     from robustmargin.margins import sample_margins
     from robustmargin.usermodel import Homogeneous
 
-    net = applies.net
+    net, bound = applies.net, applies.bound
     sigmas = [float(s) for s in lipschitz.layer_spectral_norms(net)] if net is not None else []
     splits = {}
     for split, (x, y) in data.items():
@@ -231,8 +232,9 @@ def checkpoint_stats(model, applies: Applies, name: str, epoch: int, data: dict[
         radii = None
         if applies.certifiable:
             at = torch.as_tensor(idx, device=x.device)
-            radii = lipschitz.certified_radii(net, x[at], y[at], sigmas=sigmas).double().cpu().numpy()
-            radii = np.clip(radii, 0.0, None)  # misclassified points: radius 0
+            radii = (lipschitz.certified_radii(net, x[at], y[at], sigmas=sigmas) if net is not None
+                     else bound.certified_radii(x[at], y[at]))
+            radii = np.clip(radii.double().cpu().numpy(), 0.0, None)  # misclassified points: radius 0
         splits[split] = SplitStats(margins=sample_margins(logits, y.cpu()).numpy(),
                                    log_sum_loss=float(log_sum(sample_log_losses(logits, y.cpu(), loss))),
                                    eval_index=idx, radii=radii)
@@ -246,18 +248,22 @@ def checkpoint_stats(model, applies: Applies, name: str, epoch: int, data: dict[
         else:
             target = model if net is model else Homogeneous(model, applies.order)
             kkt_result = kkt.kkt_residuals(target, *data["train"], k=kkt_k)
+    graph_rows: list[dict] = []
     if net is not None:
         layers = lipschitz.layer_table(net, sigmas)
         kinds, orders, rhos = [r["kind"] for r in layers], [r["order"] for r in layers], [r["rho"] for r in layers]
-    else:  # one group: all parameters
+    else:  # one group: all parameters; the bound's operations that are not 1-Lipschitz as its rows
         params = [p.detach().double().flatten() for p in model.parameters()]
         kinds, orders = [], [applies.order or 1]
         rhos = [float(torch.cat(params).norm()) if params else 0.0]
+        if bound is not None:
+            graph_rows = [r for r in bound.table() if r["kind"] in ("conv", "linear") or
+                          (math.isfinite(r["factor"]) and r["factor"] != 1.0)]
     order = applies.order if applies.order is not None else math.nan
-    layerwise = net is model or (net is not None and applies.order is not None and applies.order == sum(orders))
     return CheckpointStats(name=name, epoch=epoch, kinds=kinds, orders=orders, rhos=rhos, sigmas=sigmas,
                            certifiable=applies.certifiable, splits=splits, kkt=kkt_result, order=order,
-                           layerwise=layerwise)
+                           layerwise=net is model, bound=None if bound is None else bound.total,
+                           graph_rows=graph_rows)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -306,6 +312,10 @@ def lipschitz_table(stats: list[CheckpointStats]) -> pd.DataFrame:
             rows.append({"checkpoint": s.name, "epoch": s.epoch, "layer": i + 1, "kind": kind, "order": a,
                          "sigma": sigma, "rho": rho, "sigma_over_rho": sigma / rho,
                          "sigma_product": s.sigma_product, "rho_product": s.rho_product})
+        for i, r in enumerate(s.graph_rows):  # a user's module: the graph bound's factors
+            rows.append({"checkpoint": s.name, "epoch": s.epoch, "layer": i + 1, "kind": r["kind"],
+                         "order": math.nan, "sigma": r["factor"], "rho": math.nan, "sigma_over_rho": math.nan,
+                         "sigma_product": s.sigma_product, "rho_product": math.nan})
     return pd.DataFrame(rows, columns=LIPSCHITZ_COLUMNS)
 
 

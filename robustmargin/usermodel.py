@@ -1,6 +1,5 @@
 """A user's PyTorch classifier: build it from a SPEC, load its weights, check its inputs and outputs, and
-find what applies to it (a traceable chain of layers for the Lipschitz bound, homogeneity in its
-parameters). Nothing here reads or writes a run directory."""
+find whether it is homogeneous in its parameters (its Lipschitz bound is robustmargin.lipschitz.graph_bound). Nothing here reads or writes a run directory."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +12,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustmargin.errors import UserError
 
-SUPPORTED = "Conv2d, Linear, ReLU, non-overlapping MaxPool2d/AvgPool2d and Flatten"
 HOMOGENEITY_SCALES = (2.0, 3.0)
 HOMOGENEITY_RTOL = 1e-6
 
@@ -139,118 +136,6 @@ def check_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[st
                 "figures then describe the softmax, not the logits"]
     return []
 
-
-# ----------------------------------------------------------------------------- tracing
-
-def _flatten_args(node, head) -> bool:
-    """Whether a call flattens `head` to (N, -1): flatten(x, 1), x.view(x.size(0), -1), x.reshape(N, -1)."""
-    target, args, kwargs = node.target, node.args, node.kwargs
-    if target in (torch.flatten, "flatten"):
-        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
-    if target in ("view", "reshape", torch.reshape):
-        shape = args[1:] if target != torch.reshape else args[1]
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = shape[0]
-        if len(shape) != 2 or shape[1] != -1:
-            return False
-        first = shape[0]
-        return (getattr(first, "op", None) == "call_method" and first.target == "size" and first.args[0] is head
-                and (first.args[1:] == (0,) or first.kwargs.get("dim") == 0))
-    return False
-
-
-def _pool_from_call(node) -> nn.Module | None:
-    names = ("kernel_size", "stride", "padding")
-    if node.target in (F.max_pool2d, torch.max_pool2d):
-        params = dict(zip(names + ("dilation", "ceil_mode"), node.args[1:]), **node.kwargs)
-        return None if params.get("return_indices") else nn.MaxPool2d(**params)
-    if node.target in (F.avg_pool2d, torch._C._nn.avg_pool2d):
-        return nn.AvgPool2d(**dict(zip(names + ("ceil_mode", "count_include_pad", "divisor_override"),
-                                       node.args[1:]), **node.kwargs))
-    return None
-
-
-def trace_chain(model: nn.Module) -> tuple[list[nn.Module] | None, str]:
-    """The module as a chain of supported layers (sharing its parameters), or None and why not."""
-    from torch import fx
-
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as err:  # torch.fx refuses data-dependent control flow and more
-        return None, f"torch.fx cannot trace the module ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    modules = dict(model.named_modules())
-    layers: list[nn.Module] = []
-    head = None
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if head is not None:
-                return None, "the module takes more than one input"
-            head = node
-            continue
-        if node.op == "output":
-            if node.args[0] is not head:
-                return None, "the module's output is not the end of a single chain of layers"
-            break
-        if node.op == "call_method" and node.target == "size" and node.args[0] is head:
-            continue  # part of x.view(x.size(0), -1)
-        inputs = [a for a in node.all_input_nodes if not (a.op == "call_method" and a.target == "size")]
-        if inputs != [head]:
-            return None, f"{node.name} is not part of a single chain of layers (branches and skips are not supported)"
-        layer = None
-        if node.op == "call_module":
-            m = modules[node.target]
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d)):
-                layer = m
-            elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-                layer = m
-            what = type(m).__name__
-        elif node.op in ("call_function", "call_method"):
-            if node.target in (torch.relu, F.relu, "relu", torch.relu_, "relu_"):
-                layer = nn.ReLU()
-            elif _flatten_args(node, head):
-                layer = nn.Flatten()
-            else:
-                layer = _pool_from_call(node) if node.op == "call_function" else None
-            what = getattr(node.target, "__name__", str(node.target))
-        else:
-            what = node.op
-        if layer is None:
-            return None, f"unsupported operation {what} (supported: {SUPPORTED})"
-        layers.append(layer)
-        head = node
-    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers):
-        return None, "the module has no Conv2d or Linear layer"
-    return layers, ""
-
-
-def traced_net(model: nn.Module, x: torch.Tensor, num_classes: int):
-    """A HomogeneousNet view of `model` (same parameters) for the Lipschitz code, or None and why not.
-
-    The chain must reproduce the module's logits on `x`, and its maps between layers must be 1-Lipschitz."""
-    from robustmargin.lipschitz import check_one_lipschitz_between_layers  # noqa: I001
-    from robustmargin.models import HomogeneousNet, ModelSpec
-
-    layers, reason = trace_chain(model)
-    if layers is None:
-        return None, reason
-    c, h, w = x.shape[1:]
-    net = HomogeneousNet(layers, ModelSpec(name="external", bias="all", activation="relu", in_channels=c,
-                                           image_size=h, num_classes=num_classes)).eval()
-    net.input_shape = (c, h, w)
-    try:
-        check_one_lipschitz_between_layers(net)
-    except UserError as err:
-        return None, str(err)
-    with torch.no_grad():
-        same = torch.allclose(net(x), model(x), rtol=1e-5, atol=1e-6)
-    if not same:
-        return None, "the traced chain of layers does not reproduce the module's outputs"
-    return net, ""
-
-
-# ----------------------------------------------------------------------------- homogeneity
 
 def homogeneity_order(model: nn.Module, x: torch.Tensor, *, scales: Sequence[float] = HOMOGENEITY_SCALES,
                       rtol: float = HOMOGENEITY_RTOL) -> int | None:

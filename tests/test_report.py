@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 
 from robustmargin import analysis, report
 from robustmargin.errors import UserError
-from robustmargin.robustness import point_summary
 from robustmargin.cli import main as cli_main
 from robustmargin.config import Config
 from crafted import crafted_metrics

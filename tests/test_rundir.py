@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import robustmargin.robustness as robustness
-from robustmargin import rundir
 from robustmargin.cli import main as cli_main
 from robustmargin.errors import UserError
 from robustmargin.rundir import Run
