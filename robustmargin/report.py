@@ -141,6 +141,21 @@ def adversarial_examples_figure(run: Run, results: Results | None, order: list[s
     return figures.adversarial_figure(examples) if examples else None
 
 
+def masking_warnings(run: Run) -> list[str]:
+    """One line at the top when the decision-based attack beat the gradient attacks on more than a few of
+    the points of the masking check (robustness/masking.json)."""
+    from robustmargin.robustness import MASKING_SUSPECTS
+    from robustmargin.rundir import read_json
+
+    record = read_json(run.path / "robustness" / "masking.json")
+    if record is None or len(record.get("suspect", [])) <= MASKING_SUSPECTS:
+        return []
+    return [f"Possible gradient masking: the decision-based attack foolbox-hsj found distances more than 5 % "
+            f"below the gradient attacks' on {len(record['suspect'])} of {len(record['points'])} checked points "
+            f"({record['checkpoint']}, {record['split']}); the attack distances may be too large — add "
+            f"`--attacks ensemble,foolbox-hsj` to attack with it."]
+
+
 def figure_counts(results: Results | None, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
     """Captions that say how many points each figure covers."""
     out = {}
@@ -312,6 +327,7 @@ def write_report(run_dir: str | Path, *, epsilons=None) -> Path:
     tables = read_tables(run)
     runs = run.companions()
     warnings = [] if run.has_history else [EXTERNAL_NOTE, *run.notes()]
+    warnings = masking_warnings(run) + warnings
     claims = tables.get("claims") if run.has_history else None
     if claims is None and run.has_history:
         warnings.append(f"tables/claims.csv is missing; rerun `robustmargin analyze --run {run.path}` for the "

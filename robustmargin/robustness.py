@@ -26,6 +26,7 @@ from robustmargin.attacks.runner import (
 from robustmargin import distributed
 from robustmargin.distributed import World
 from robustmargin.errors import UserError
+from robustmargin.fileio import atomic_write_text
 from robustmargin.rundir import (DISTANCE_COLUMNS, SETTINGS_FILE, SPLITS, AttackSettings, Run, Unit,
                                  adversarials_file, json_text, merge_lock, npz_bytes, part_path, read_adversarials,
                                  read_part, record_request, write_adversarials, write_part, write_view)
@@ -213,6 +214,7 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
     sharded: bool = True,
+    masking: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Attack the first `n` points of each split with every attack on every chosen checkpoint.
 
@@ -225,20 +227,23 @@ def evaluate_run(
     Launched by torchrun (and `sharded`), the missing batches are dealt out over the ranks, each on
     cuda:LOCAL_RANK or on its share of the CPU cores; rank 0 merges after all have finished. Give
     `sharded=False` to evaluate in this process alone when the ranks are doing other work.
+    `masking` runs the gradient-masking check (a decision-based attack on a few points, see
+    `masking_check`); by default on a user's model, not on a run trained here.
     Returns (distances, curves) of the merged view.
     """
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     settings = attack_settings(points=n, attacks=attacks, budget=budget, steps=steps, batch_size=batch_size)
     check_splits(splits)
     check_device(device)
+    masking = (not run.has_history) if masking is None else masking
     if not sharded:
-        return _evaluate(run, settings, splits, checkpoints, torch.device(device), progress, World())
+        return _evaluate(run, settings, splits, checkpoints, torch.device(device), progress, World(), masking)
     with distributed.group(device) as w:
-        return _evaluate(run, settings, splits, checkpoints, distributed.rank_device(device), progress, w)
+        return _evaluate(run, settings, splits, checkpoints, distributed.rank_device(device), progress, w, masking)
 
 
 def _evaluate(run: Run, settings: AttackSettings, splits: Sequence[str], checkpoints, dev: torch.device,
-              progress: bool, w: World) -> tuple[pd.DataFrame, pd.DataFrame]:
+              progress: bool, w: World, masking: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     from tqdm.auto import tqdm
 
     index = run.checkpoints()
@@ -278,10 +283,38 @@ def _evaluate(run: Run, settings: AttackSettings, splits: Sequence[str], checkpo
         distributed.barrier()
     if w.is_main:
         merge_results(run, settings, labels=labels, index=index)
+        if masking:
+            last = chosen.iloc[-1]
+            check_masking(run, run.load_model(str(last.file)), str(last["name"]), splits[-1], dev)
     if w.size > 1:
         distributed.barrier()
     results = run.results()
     return results.distances, results.curves
+
+
+MASKING_POINTS = 10   # points of the masking check
+MASKING_SUSPECTS = 2  # more than this many points beaten by the decision-based attack: the report warns
+
+
+def check_masking(run: Run, model: torch.nn.Module, checkpoint: str, split: str, device: torch.device) -> dict:
+    """The gradient-masking check on the first MASKING_POINTS attacked points of (checkpoint, split): where
+    the decision-based attack foolbox-hsj finds a distance more than 5 % below the gradient attacks' best,
+    their distance is not to be trusted. Recorded in robustness/masking.json, which the report reads."""
+    from robustmargin.attacks.masking import masking_check
+
+    points = run.results().points
+    points = points[(points["checkpoint"] == checkpoint) & (points["split"] == split)].sort_values("index")
+    points = points.head(MASKING_POINTS)
+    x, y = run.split(split)
+    idx = torch.as_tensor(points["index"].to_numpy())
+    found = masking_check(model, x[idx].to(device), y[idx].to(device),
+                          torch.as_tensor(points["distance"].to_numpy(float)), device=device)
+    record = {"checkpoint": checkpoint, "split": split, "points": points["index"].tolist(),
+              "gradient": found.gradient.tolist(), "decision": found.decision.tolist(),
+              "suspect": [int(points["index"].iloc[int(i)]) for i in found.suspect],
+              "sha256": dict(zip(run.checkpoints()["name"], run.checkpoints()["sha256"])).get(checkpoint)}
+    atomic_write_text(run.path / "robustness" / "masking.json", json_text(record))
+    return record
 
 
 def _attack_batch(model: torch.nn.Module, x: Tensor, y: Tensor, start: int, batch_size: int, name: str,

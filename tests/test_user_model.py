@@ -146,3 +146,21 @@ def test_reproduce_and_sweep_check_the_attack_before_training(tmp_path, capsys):
                           "--n", "60", "--quiet"]) == 2
     assert "larger than the test split (50 points)" in capsys.readouterr().err
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_masking_check_runs_for_user_models_and_the_report_warns(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = Residual()
+    x, y = data(8)
+    rm.evaluate(model, x, y, out=tmp_path / "r", attacks="ddn", steps=20, report=False)
+    record = json.loads((tmp_path / "r" / "robustness" / "masking.json").read_text())
+    assert len(record["points"]) == 8 and len(record["decision"]) == 8
+    gradient, decision = np.array(record["gradient"], float), np.array(record["decision"], float)
+    assert [p for p, g, d in zip(record["points"], gradient, decision) if d < 0.95 * g] == record["suspect"]
+    record["suspect"] = record["points"][:5]  # as a masked model would give
+    (tmp_path / "r" / "robustness" / "masking.json").write_text(json.dumps(record))
+    from robustmargin.report import write_report
+    write_report(tmp_path / "r")
+    assert "Possible gradient masking" in (tmp_path / "r" / "report.html").read_text()
