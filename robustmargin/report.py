@@ -154,8 +154,8 @@ def _claims_html(claims: pd.DataFrame) -> str:
                         f"<td>{_number(r.p_value)}</td><td>{_number(r.n)}</td>"
                         f"<td>{html.escape(str(r.detail))}</td></tr>")
     return ("<table class='claims' id='claims'><tr><th>verdict</th><th>statistic</th><th>estimate</th>"
-            "<th>95 % interval</th><th>p</th><th>n</th><th>this run's numbers</th></tr>" + "".join(rows)
-            + "</table>")
+            "<th>interval (Holm level)</th><th>p (Holm-adjusted)</th><th>n</th><th>this run's numbers</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _attacks_html(settings: str | None, doubt: pd.DataFrame | None) -> list[str]:
