@@ -23,11 +23,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from robustmargin.claims import CLAIMS_DESCRIPTION, N_BOOT, claims_table
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
 from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run, read_csv
-from robustmargin.stats import (HELD, INCONCLUSIVE, NOT_HELD, bootstrap_interval, equivalence_verdict,
-                                interval_verdict, paired_mean_change, signed_rank_p)
 
 METRIC_COLUMNS = ("epoch", "log10_loss", "train_acc", "test_acc", "normalized_margin",
                   "normalized_margin_layerwise", "smoothed_normalized_margin")
@@ -66,10 +65,7 @@ DESCRIPTIONS = {
     "summary": "Per checkpoint and split, over the attacked points (else the whole split): clean accuracy, "
                "median best attack distance with a 95 % bootstrap interval, median certified radius, and the "
                "points whose attacks disagree by more than 5 % (doubtful; `--budget strong` tightens them).",
-    "claims": "The paper's claims checked on this run: one row per claim, split and statistic, with a 95 % "
-              "interval (percentile bootstrap, paired over points) where the quantity is a sample. The verdict "
-              "(held, did not hold, inconclusive) is the claim's for that split, decided by intervals; the "
-              "detail names the split, the checkpoints compared and the deciding statistic.",
+    "claims": CLAIMS_DESCRIPTION,
 }
 
 
@@ -484,196 +480,6 @@ def to_markdown(frame: pd.DataFrame, title: str = "", description: str = "") -> 
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- the paper's claims
-#
-# tables/claims.csv: one row per claim, split and statistic. A verdict is `held`, `did not hold` or
-# `inconclusive` (decided by a 95 % interval where the quantity is a sample: robustness over points,
-# test accuracy over test points), or `not measured` when the run lacks the data. Training trajectories
-# (C1-C3) are one deterministic run each: their numbers have no sampling interval and the verdict
-# compares the measured values directly.
-
-CLAIM_COLUMNS = ("claim", "verdict", "statistic", "estimate", "ci_low", "ci_high", "p_value", "n", "detail")
-CLAIMS = {
-    "C1": "The normalized margin grows after the training set is separated.",
-    "C2": "The smoothed normalized margin never decreases after separation.",
-    "C3": "Loss-based training decreases the loss exponentially faster than a constant learning rate.",
-    "C6": "Robustness grows from the first to the last attacked checkpoint.",
-    "C7": "Clean test accuracy barely changes from the first to the last checkpoint.",
-}
-NOT_MEASURED = "not measured"
-TEST_ACC_TOLERANCE = 0.02  # "barely changes": the interval of the change lies within ±2 percentage points
-DECADES_FACTOR = 2.0       # "exponentially faster": at least twice the decades of loss at equal cost
-N_BOOT = 2000
-
-
-def _row(claim: str, verdict: str, statistic: str, detail: str, estimate: float = math.nan,
-         ci: tuple[float, float] = (math.nan, math.nan), p_value: float = math.nan, n: int | None = None) -> dict:
-    return {"claim": claim, "verdict": verdict, "statistic": statistic, "estimate": estimate,
-            "ci_low": ci[0], "ci_high": ci[1], "p_value": p_value, "n": n, "detail": detail}
-
-
-def _separation(metrics: pd.DataFrame) -> pd.DataFrame | None:
-    """The rows from the first epoch with 100 % training accuracy on, or None if it never came."""
-    separated = np.flatnonzero(metrics["train_acc"].to_numpy() >= 1.0)
-    return metrics.iloc[separated[0]:] if len(separated) else None
-
-
-def margin_growth_rows(metrics: pd.DataFrame) -> list[dict]:
-    after = _separation(metrics)
-    after = None if after is None else after[np.isfinite(after["normalized_margin"])]
-    if after is None or len(after) < 2:
-        return [_row("C1", NOT_MEASURED, "relative_margin_change",
-                     "the run never kept 100 % training accuracy for two epochs")]
-    first, last = after.iloc[0], after.iloc[-1]
-    rows = []
-    for column, name in (("normalized_margin", "q_min/ρ^L"), ("normalized_margin_layerwise", "q_min/∏ρ_i^a_i")):
-        a, b = float(first[column]), float(last[column])
-        change = (b - a) / abs(a) if a else math.nan
-        verdict = HELD if b > a else NOT_HELD
-        rows.append(_row("C1", verdict, f"relative_margin_change ({column})",
-                         f"train: {name} {a:.4g} at epoch {int(first['epoch'])} (separation) → {b:.4g} at epoch "
-                         f"{int(last['epoch'])}; one training run, no sampling interval", change,
-                         n=len(after)))
-    return rows
-
-
-def smoothed_monotone_rows(metrics: pd.DataFrame) -> list[dict]:
-    after = _separation(metrics)
-    values = None if after is None else after["smoothed_normalized_margin"].to_numpy(dtype=float)
-    values = None if values is None else values[np.isfinite(values)]
-    if values is None or len(values) < 2:
-        return [_row("C2", NOT_MEASURED, "decreases",
-                     "fewer than two separated epochs with a finite smoothed margin")]
-    prev, cur = values[:-1], values[1:]
-    drops = cur < prev
-    count = int(drops.sum())
-    largest = float(np.max((prev[drops] - cur[drops]) / np.abs(prev[drops]))) if count else 0.0
-    verdict = HELD if not count else NOT_HELD
-    note = ("" if not count else "; the theorem covers gradient flow and small-step gradient descent, "
-                                 "SGD steps may dip")
-    detail = (f"train: {count} decrease{'s' * (count != 1)} over {len(values) - 1} epoch steps after separation "
-              f"({values[0]:.4g} → {values[-1]:.4g}){note}")
-    return [_row("C2", verdict, "decreases", detail, float(count), n=len(values) - 1),
-            _row("C2", verdict, "largest_relative_dip", detail, largest, n=len(values) - 1)]
-
-
-def _value_at(metrics: pd.DataFrame, column: str, limit: float) -> float:
-    """log10 loss of the last row whose `column` is at most `limit`."""
-    rows = metrics[metrics[column] <= limit]
-    return float(rows["log10_loss"].iloc[-1]) if len(rows) else math.nan
-
-
-def schedule_rows(runs: dict[str, tuple[str, pd.DataFrame]]) -> list[dict]:
-    """The loss-based run against the constant-LR run at equal epochs and equal gradient evaluations."""
-    by_schedule: dict[str, pd.DataFrame] = {}
-    for schedule, metrics in runs.values():
-        by_schedule.setdefault(schedule, metrics)
-    if "loss-based" not in by_schedule or "constant" not in by_schedule:
-        missing = "constant" if "constant" not in by_schedule else "loss-based"
-        return [_row("C3", NOT_MEASURED, "decades_ratio",
-                     f"no {missing}-schedule run (add a companion under RUN/companions/)")]
-    fast, slow = by_schedule["loss-based"], by_schedule["constant"]
-    rows = []
-    for column, what in (("epoch", "epochs"), ("grad_evals", "gradient evaluations")):
-        if column not in fast or column not in slow or fast[column].isna().all() or slow[column].isna().all():
-            continue
-        limit = min(fast[column].max(), slow[column].max())
-        lf, ls = _value_at(fast, column, limit), _value_at(slow, column, limit)
-        ratio = lf / ls if ls < 0 else math.nan
-        ahead = lf <= DECADES_FACTOR * ls if ls < 0 else lf < ls
-        rows.append(_row("C3", HELD if ahead else NOT_HELD, f"decades_ratio_at_equal_{column}",
-                         f"after {limit:.4g} {what}: loss-based 10^{lf:.1f}, constant 10^{ls:.1f} (held at a "
-                         f"ratio of at least {DECADES_FACTOR:g}); one run each, no sampling interval", ratio))
-    if not rows:
-        return [_row("C3", NOT_MEASURED, "decades_ratio", "the runs record neither epochs nor gradient evaluations")]
-    if any(r["verdict"] == NOT_HELD for r in rows):  # the claim needs both comparisons
-        for r in rows:
-            r["verdict"] = NOT_HELD
-    return rows
-
-
-def clean_accuracy_rows(margins: pd.DataFrame | None, epochs: dict[str, int]) -> list[dict]:
-    """Test accuracy at the first and the last checkpoint, paired over the same test points (margin > 0)."""
-    test = None if margins is None else margins[margins["split"] == "test"]
-    names = [] if test is None else sorted(set(test["checkpoint"]), key=lambda c: epochs.get(c, math.inf))
-    if len(names) < 2:
-        return [_row("C7", NOT_MEASURED, "test_accuracy_change", "fewer than two checkpoints with test margins")]
-    first, last = names[0], names[-1]
-    a = test[test["checkpoint"] == first].set_index("index")["margin"]
-    b = test[test["checkpoint"] == last].set_index("index")["margin"]
-    common = a.index.intersection(b.index)
-    before, after = (a[common].to_numpy() > 0).astype(float), (b[common].to_numpy() > 0).astype(float)
-    est, low, high = paired_mean_change(before, after, n_boot=N_BOOT)
-    verdict = equivalence_verdict(low, high, tolerance=TEST_ACC_TOLERANCE)
-    return [_row("C7", verdict, "test_accuracy_change", f"test: {first} {100 * before.mean():.2f} % → {last} "
-                 f"{100 * after.mean():.2f} %, paired over the same points; held when the 95 % interval lies "
-                 f"within ±{100 * TEST_ACC_TOLERANCE:g} points", est, (low, high), n=len(common))]
-
-
-def _robustness_split(split: str, first: pd.DataFrame, last: pd.DataFrame, names: tuple[str, str],
-                      epsilons: list[float]) -> list[dict]:
-    pair = first.merge(last, on="index", suffixes=("_first", "_last"))
-    d0, d1 = pair["distance_first"].to_numpy(float), pair["distance_last"].to_numpy(float)
-    where = f"{split}: {names[0]} → {names[1]}"
-    # the log-ratio is defined only where both distances are positive and finite (correct, attack succeeded)
-    usable = (d0 > 0) & (d1 > 0) & np.isfinite(d0) & np.isfinite(d1)
-    rows = []
-    if usable.sum() >= 2:
-        logr = np.log(d1[usable] / d0[usable])
-        est, low, high = bootstrap_interval(np.median, logr, n_boot=N_BOOT)
-        rows.append(_row("C6", interval_verdict(low, high), "median_log_distance_ratio",
-                         f"{where}, over the {int(usable.sum())} of {len(pair)} points correct and attacked "
-                         f"successfully at both (Wilcoxon signed-rank p)", est, (low, high),
-                         signed_rank_p(logr), int(usable.sum())))
-        est, low, high = bootstrap_interval(np.mean, (logr > 0).astype(float), n_boot=N_BOOT)
-        rows.append(_row("C6", interval_verdict(low, high, above=0.5), "share_distance_grew",
-                         f"{where}, same points", est, (low, high), n=int(usable.sum())))
-    # robust accuracy over every paired point: misclassified (0) is never robust, a failed attack (inf) is
-    for eps in epsilons:
-        est, low, high = paired_mean_change(d0 > eps, d1 > eps, n_boot=N_BOOT)
-        rows.append(_row("C6", interval_verdict(low, high), f"robust_accuracy_change_eps_{eps:g}",
-                         f"{where}, all {len(pair)} points: {100 * (d0 > eps).mean():.1f} % → "
-                         f"{100 * (d1 > eps).mean():.1f} % at ε = {eps:g}", est, (low, high), n=len(pair)))
-    # the split's verdict: held when the median log-ratio or the accuracy at the largest ε rises significantly
-    deciding = [r for r in rows if r["statistic"] == "median_log_distance_ratio"]
-    deciding += [r for r in rows if epsilons and r["statistic"] == f"robust_accuracy_change_eps_{epsilons[-1]:g}"]
-    held = [r["statistic"] for r in deciding if r["verdict"] == HELD]
-    fell = [r["statistic"] for r in deciding if r["verdict"] == NOT_HELD]
-    verdict = HELD if held else NOT_HELD if fell else INCONCLUSIVE
-    reason = (f"held by {' and '.join(held)}" if held else f"did not hold by {' and '.join(fell)}" if fell
-              else "neither the median log-ratio nor the robust accuracy at the largest ε moved significantly")
-    for r in rows:
-        r["detail"] = f"{r['detail']}; split verdict {reason}"
-        r["verdict"] = verdict
-    return rows
-
-
-def robustness_rows(points: pd.DataFrame | None, epochs: dict[str, int], epsilons: list[float]) -> list[dict]:
-    """C6, per attacked split: the first and the last *attacked* checkpoint by epoch, paired over points."""
-    if points is None or points.empty:
-        return [_row("C6", NOT_MEASURED, "median_log_distance_ratio",
-                     "no attack distances (run `robustmargin attack`)")]
-    rows = []
-    for split in ("train", "test"):  # a split that was not attacked gets no row
-        part = points[points["split"] == split]
-        if part.empty:
-            continue
-        names = sorted(set(part["checkpoint"]), key=lambda c: (epochs.get(c, math.inf), c))
-        if len(names) < 2:
-            rows.append(_row("C6", NOT_MEASURED, "median_log_distance_ratio",
-                             f"{split}: only {names[0]} was attacked; two attacked checkpoints are needed"))
-            continue
-        first, last = (part[part["checkpoint"] == c][["index", "distance"]] for c in (names[0], names[-1]))
-        rows += _robustness_split(split, first, last, (names[0], names[-1]), epsilons)
-    return rows
-
-
-def claims_table(metrics: pd.DataFrame, tables: dict[str, pd.DataFrame], points: pd.DataFrame | None,
-                 runs: dict[str, tuple[str, pd.DataFrame]], epsilons: list[float]) -> pd.DataFrame:
-    epochs = dict(zip(tables["table1"]["checkpoint"], tables["table1"]["epoch"]))
-    rows = (margin_growth_rows(metrics) + smoothed_monotone_rows(metrics) + schedule_rows(runs)
-            + robustness_rows(points, epochs, epsilons) + clean_accuracy_rows(tables.get("margins"), epochs))
-    return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS)).astype({"n": "Int64"})
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -2,7 +2,8 @@
 distances? `compare_runs` gathers one row per (run, checkpoint) from each run's own files — tables/table1.csv,
 tables/lipschitz.csv, tables/margin_vs_robustness.csv, checkpoints/index.csv, robustness/distances.csv —
 and writes OUT/compare.csv and .md, correlations.csv (Spearman ρ between each margin and the median attack
-distance over the runs at one loss threshold, with a bootstrap interval), figures and compare.html.
+distance over the runs at one loss threshold, with a permutation p-value, a bootstrap interval from 10 runs
+on, and a verdict), figures and compare.html.
 
 Margins are those of the training set (the paper's); attack numbers are those of one split (test by
 default). Runs of users' models take part on the columns they have (they have no loss threshold, so no
@@ -30,6 +31,9 @@ MARGIN_LABELS = {"normalized_margin": r"$q_{\min}/\rho^L$",
 EPSILON_COLUMNS = 5     # robust accuracy columns in compare.csv, at evenly spaced ε above 0
 CURVE_POINTS = 41       # ε of the robust-accuracy figure
 MIN_RUNS = 3            # a rank correlation over fewer runs says nothing
+MIN_BOOT_RUNS = 10      # below this a bootstrap over runs cannot be trusted: permutation p only
+ALPHA = 0.05
+CORRELATION_COLUMNS = ["threshold_log10", "checkpoint", "margin", "runs", "rho", "low", "high", "p_value", "verdict"]
 N_BOOT = 2000
 
 DESCRIPTION = ("One row per run and checkpoint. Margins are on the training set: normalized margin "
@@ -38,8 +42,13 @@ DESCRIPTION = ("One row per run and checkpoint. Margins are on the training set:
                "attack; misclassified points count as 0) and robust_acc_EPS (fraction of points whose best "
                "attack distance exceeds ε) are on the attacked points of the split named in `split`.")
 CORRELATION_DESCRIPTION = ("Spearman rank correlation between each margin and the median attack distance, "
-                           "over the runs at one loss threshold (the same checkpoint of every run), with a "
-                           "percentile bootstrap 95 % interval over runs.")
+                           "over the runs at one loss threshold (the same checkpoint of every run). p_value: "
+                           "two-sided permutation test (every ordering of the runs up to 8, 20000 random ones "
+                           "above). low/high: percentile bootstrap 95 % interval over runs, only from 10 runs on "
+                           "(empty below). verdict on 'larger margin, larger distance': held when p < 0.05 with "
+                           "ρ > 0 and the interval (if any) above 0, did not hold likewise below, inconclusive "
+                           "otherwise (with 4 runs even ρ = 1 has p = 1/12); each row is its own test, "
+                           "not corrected across margins or thresholds; not measured below 3 runs.")
 
 
 def varying_keys(configs: dict[str, dict[str, Any]]) -> list[str]:
@@ -89,9 +98,13 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def correlations(rows: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """Spearman ρ (and a bootstrap 95 % interval over runs) of each margin against the median attack distance,
-    per loss threshold, over the runs that reached it and were attacked there."""
-    from robustmargin.stats import bootstrap_interval
+    """Spearman ρ of each margin against the median attack distance, per loss threshold, over the runs that
+    reached it and were attacked there: a permutation p-value always, a bootstrap 95 % interval over runs only
+    from MIN_BOOT_RUNS on (resampling a handful of runs repeats them and gives intervals like [1, 1]), and a
+    verdict on "larger margin, larger distance": held when p < ALPHA with ρ > 0 (and the interval above 0
+    where there is one), did not hold for the same on the negative side, inconclusive otherwise."""
+    from robustmargin.stats import (HELD, INCONCLUSIVE, NOT_HELD, bootstrap_interval, interval_verdict,
+                                    spearman_permutation_p)
 
     out = []
     usable = rows[np.isfinite(rows["threshold_log10"]) & np.isfinite(rows["median_distance"])]
@@ -99,13 +112,20 @@ def correlations(rows: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
         for margin in MARGINS:
             part = group[np.isfinite(group[margin])]
             row = {"threshold_log10": threshold, "checkpoint": part["checkpoint"].iloc[0] if len(part) else "",
-                   "margin": margin, "runs": len(part), "rho": math.nan, "low": math.nan, "high": math.nan}
+                   "margin": margin, "runs": len(part), "rho": math.nan, "low": math.nan, "high": math.nan,
+                   "p_value": math.nan, "verdict": "not measured"}
             if len(part) >= MIN_RUNS:
-                rho, low, high = bootstrap_interval(spearman, part[margin].to_numpy(),
-                                                    part["median_distance"].to_numpy(), n_boot=n_boot, seed=seed)
-                row.update(rho=rho, low=low, high=high)
+                x, y = part[margin].to_numpy(), part["median_distance"].to_numpy()
+                rho, p = spearman(x, y), spearman_permutation_p(x, y, seed=seed)
+                side = INCONCLUSIVE if not p < ALPHA else HELD if rho > 0 else NOT_HELD
+                if len(part) >= MIN_BOOT_RUNS:
+                    _, low, high = bootstrap_interval(spearman, x, y, n_boot=n_boot, seed=seed)
+                    row.update(low=low, high=high)
+                    if interval_verdict(low, high) != side:  # test and interval must agree
+                        side = INCONCLUSIVE
+                row.update(rho=rho, p_value=p, verdict=side)
             out.append(row)
-    return pd.DataFrame(out, columns=["threshold_log10", "checkpoint", "margin", "runs", "rho", "low", "high"])
+    return pd.DataFrame(out, columns=CORRELATION_COLUMNS)
 
 
 def gather(runs: Sequence[Path], *, grid: Sequence[str] | None = None, split: str = "test",

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from robustmargin import figures
-from robustmargin.analysis import CLAIMS, SPREAD_DOUBT, best_distances, check_epsilons, describe, robust_accuracy_table
+from robustmargin.analysis import SPREAD_DOUBT, best_distances, check_epsilons, describe, robust_accuracy_table
+from robustmargin.claims import CLAIMS
 from robustmargin.fileio import atomic_write_text
 from robustmargin.rundir import Results, Run, describe_settings
 
@@ -243,8 +244,8 @@ def _claims_html(claims: pd.DataFrame) -> str:
                         f"<td>{_number(r.p_value)}</td><td>{_number(r.n)}</td>"
                         f"<td>{html.escape(str(r.detail))}</td></tr>")
     return ("<table class='claims' id='claims'><tr><th>verdict</th><th>statistic</th><th>estimate</th>"
-            "<th>95 % interval</th><th>p</th><th>n</th><th>this run's numbers</th></tr>" + "".join(rows)
-            + "</table>")
+            "<th>interval (Holm level)</th><th>p (Holm-adjusted)</th><th>n</th><th>this run's numbers</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _attacks_html(settings: str | None, doubt: pd.DataFrame | None) -> list[str]:

@@ -16,7 +16,7 @@ from robustmargin.analysis import InvariantError, analyze_run
 from robustmargin.rundir import record_checkpoint
 from robustmargin.config import Config
 from robustmargin.models import ModelSpec, build_model
-from crafted import crafted_metrics
+from robustmargin.claims import CLAIM_COLUMNS
 from tinyrun import write_results
 
 SPEC = ModelSpec(name="mlp", bias="none", hidden=(12,), in_channels=1, image_size=6, num_classes=3)
@@ -270,7 +270,7 @@ def test_to_markdown_formats_numbers():
 def test_claims_table_written_by_analyze(analyzed):
     run, models, splits, result = analyzed
     claims = pd.read_csv(run / "tables" / "claims.csv")
-    assert list(claims.columns) == list(analysis.CLAIM_COLUMNS)
+    assert list(claims.columns) == list(CLAIM_COLUMNS)
     assert set(claims["claim"]) == {"C1", "C2", "C3", "C6", "C7"}
     assert set(claims["verdict"]) <= {"held", "did not hold", "inconclusive", "not measured"}
     c6 = claims[claims["claim"] == "C6"]
@@ -282,71 +282,3 @@ def test_claims_table_written_by_analyze(analyzed):
     assert c7["estimate"] == pytest.approx(acc["final"] - acc["init"])
     assert c7["ci_low"] <= c7["estimate"] <= c7["ci_high"] and c7["n"] == len(splits["test"][1])
     assert (run / "tables" / "claims.md").read_text().startswith("# claims")
-
-
-
-
-def _verdict(rows: list[dict]) -> str:
-    assert len({r["verdict"] for r in rows}) == 1
-    return rows[0]["verdict"]
-
-
-def test_margin_growth_claim():
-    assert _verdict(analysis.margin_growth_rows(crafted_metrics())) == "held"
-    shrinking = analysis.margin_growth_rows(crafted_metrics(margin_slope=-0.01, separate_at=0))
-    assert _verdict(shrinking) == "did not hold" and "epoch 0" in shrinking[0]["detail"]
-    assert shrinking[0]["estimate"] < 0
-    never = crafted_metrics(separate_at=99)
-    assert _verdict(analysis.margin_growth_rows(never)) == "not measured"
-    assert _verdict(analysis.smoothed_monotone_rows(never)) == "not measured"
-
-
-def test_smoothed_monotone_claim_counts_decreases():
-    assert _verdict(analysis.smoothed_monotone_rows(crafted_metrics())) == "held"
-    rows = {r["statistic"]: r for r in analysis.smoothed_monotone_rows(crafted_metrics(dips=(8, 12)))}
-    assert rows["decreases"]["verdict"] == "did not hold" and rows["decreases"]["estimate"] == 2
-    assert rows["decreases"]["n"] == 15
-    assert rows["largest_relative_dip"]["estimate"] == pytest.approx(0.01, rel=0.05)
-    # a dip before separation does not count
-    assert _verdict(analysis.smoothed_monotone_rows(crafted_metrics(dips=(3,)))) == "held"
-
-
-def test_metrics_with_skipped_cells_still_give_claims():
-    metrics = crafted_metrics()
-    metrics.loc[metrics["epoch"] % 2 == 1, "test_acc"] = np.nan  # train.metrics_every = 2 leaves cells empty
-    assert _verdict(analysis.margin_growth_rows(metrics)) == "held"
-
-
-def test_schedule_claim():
-    fast, slow = crafted_metrics(loss_per_epoch=-2.0, evals_per_epoch=3), crafted_metrics(loss_per_epoch=-0.25,
-                                                                                         evals_per_epoch=1)
-    rows = analysis.schedule_rows({"a": ("loss-based", fast), "b": ("constant", slow)})
-    assert _verdict(rows) == "held"
-    # at 20 gradient evaluations the loss-based run is at epoch 6 (10^-12), the constant one at 10^-5
-    assert "after 20 epochs: loss-based 10^-40.0, constant 10^-5.0" in rows[0]["detail"]
-    assert "after 20 gradient evaluations: loss-based 10^-12.0, constant 10^-5.0" in rows[1]["detail"]
-    assert rows[0]["estimate"] == pytest.approx(8.0) and rows[1]["estimate"] == pytest.approx(12 / 5)
-    close = crafted_metrics(loss_per_epoch=-0.4, evals_per_epoch=1)
-    assert _verdict(analysis.schedule_rows({"a": ("loss-based", close), "b": ("constant", slow)})) == "did not hold"
-    assert _verdict(analysis.schedule_rows({"a": ("loss-based", fast)})) == "not measured"
-
-
-def _test_margins(first: np.ndarray, last: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"checkpoint": ["a"] * len(first) + ["z"] * len(last), "split": "test",
-                         "index": np.r_[np.arange(len(first)), np.arange(len(last))], "margin": np.r_[first, last]})
-
-
-def test_clean_accuracy_claim_by_paired_interval():
-    rng = np.random.default_rng(0)
-    q = rng.normal(1.0, 1.0, 2000)
-    epochs = {"a": 1, "z": 2}
-    same = analysis.clean_accuracy_rows(_test_margins(q, q + rng.normal(0, 0.01, 2000)), epochs)
-    assert _verdict(same) == "held" and abs(same[0]["estimate"]) < 0.01
-    worse = analysis.clean_accuracy_rows(_test_margins(q, q - 0.5), epochs)  # ~18 points of accuracy lost
-    assert _verdict(worse) == "did not hold" and worse[0]["ci_high"] < -0.1
-    # 20 points, two lost and two gained: no change on average, but far too few points to tell
-    first, last = np.ones(20), np.ones(20)
-    first[:2], last[2:4] = -1.0, -1.0
-    few = analysis.clean_accuracy_rows(_test_margins(first, last), epochs)
-    assert _verdict(few) == "inconclusive" and few[0]["estimate"] == 0 and few[0]["ci_high"] > 0.05
-    assert _verdict(analysis.clean_accuracy_rows(None, epochs)) == "not measured"

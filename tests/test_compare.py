@@ -10,6 +10,7 @@ from scipy import stats
 
 from robustmargin.cli.main import main
 from robustmargin.compare import correlations, spearman
+from robustmargin.stats import spearman_permutation_p
 from tinysweep import NAMES
 
 
@@ -57,7 +58,7 @@ def test_compare_page_and_files(compared):
     curves = pd.read_csv(folder / "curves.csv")
     assert set(curves["run"]) == set(NAMES) and curves["robust_accuracy"].between(0, 1).all()
     assert list(pd.read_csv(folder / "correlations.csv").columns) == [
-        "threshold_log10", "checkpoint", "margin", "runs", "rho", "low", "high"]
+        "threshold_log10", "checkpoint", "margin", "runs", "rho", "low", "high", "p_value", "verdict"]
 
 
 def test_compare_listed_runs_shows_what_differs(compared, tmp_path, capsys):
@@ -91,6 +92,36 @@ def test_spearman_and_its_interval_against_scipy():
     for threshold in (-10.0, -20.0):
         got = corr.loc[(threshold, "normalized_margin")]
         assert got["rho"] == pytest.approx(rho) and got["low"] < rho < got["high"] and got["runs"] == 12
+        # ρ = 0.54 over 12 runs: the permutation p (0.074, scipy's t approximation 0.073) is not significant
+        assert got["p_value"] == pytest.approx(spearman_permutation_p(x, y))
+        assert got["p_value"] == pytest.approx(stats.spearmanr(x, y).pvalue, abs=0.01)
+        assert got["verdict"] == "inconclusive"
     assert corr.loc[(-20.0, "normalized_margin_layerwise"), "rho"] == pytest.approx(-rho)
     few = corr.loc[(-20.0, "spectral_margin")]
     assert few["runs"] == 2 and np.isnan(few["rho"])   # fewer than 3 runs: no correlation claimed
+    assert few["verdict"] == "not measured" and np.isnan(few["p_value"])
+
+
+def _runs(margin: np.ndarray, distance: np.ndarray) -> pd.DataFrame:
+    n = len(margin)
+    return pd.DataFrame({"run": [f"r{i}" for i in range(n)], "checkpoint": "final", "threshold_log10": -10.0,
+                         "normalized_margin": margin, "normalized_margin_layerwise": margin,
+                         "spectral_margin": -margin, "median_distance": distance})
+
+
+def test_few_runs_in_perfect_order_are_inconclusive_not_certain():
+    # 4 runs with ρ = 1: a bootstrap over runs gave [1, 1]; only 2 of the 24 orderings reach |ρ| = 1
+    corr = correlations(_runs(np.arange(4.0), np.array([0.1, 0.5, 0.7, 2.0]))).set_index("margin")
+    got = corr.loc["normalized_margin"]
+    assert got["rho"] == pytest.approx(1.0) and got["p_value"] == pytest.approx(2 / 24)
+    assert np.isnan(got["low"]) and np.isnan(got["high"]) and got["verdict"] == "inconclusive"
+    # 6 runs in order: p = 2/720, firm both ways, still with no interval
+    corr = correlations(_runs(np.arange(6.0), np.arange(6.0) ** 2)).set_index("margin")
+    assert corr.loc["normalized_margin", "p_value"] == pytest.approx(2 / 720)
+    assert corr.loc["normalized_margin", "verdict"] == "held"
+    assert corr.loc["spectral_margin", "verdict"] == "did not hold"
+    assert corr["low"].isna().all()
+    # from 10 runs on the bootstrap interval is given, and must agree with the test
+    corr = correlations(_runs(np.arange(12.0), np.arange(12.0) ** 2), n_boot=500).set_index("margin")
+    assert corr.loc["normalized_margin", "low"] > 0 and corr.loc["normalized_margin", "verdict"] == "held"
+    assert corr.loc["spectral_margin", "high"] < 0 and corr.loc["spectral_margin", "verdict"] == "did not hold"

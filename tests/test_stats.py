@@ -1,17 +1,18 @@
-"""Statistics behind the verdicts: interval coverage on a known distribution, verdicts by interval, and the
-robustness claim on hand-built paired distances (a shift that holds, none that is inconclusive, a reversal)."""
+"""Statistics behind the verdicts: interval coverage on a known distribution, verdicts by interval, Holm's
+correction on a hand-worked case, exact tests against their formulas (binomial sums, beta quantiles, every
+permutation enumerated by scipy)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from robustmargin.analysis import robustness_rows
-from robustmargin.stats import (HELD, INCONCLUSIVE, NOT_HELD, bootstrap_interval, equivalence_verdict,
-                                interval_verdict, paired_mean_change, signed_rank_p)
+from robustmargin.stats import (HELD, INCONCLUSIVE, NOT_HELD, binomial_interval, binomial_p, bootstrap_interval,
+                                equivalence_verdict, holm, interval_verdict, joint_verdict, mcnemar_p,
+                                paired_mean_change, signed_rank_p, spearman_permutation_p)
 
 
 def test_bootstrap_interval_covers_the_mean_at_about_its_level():
@@ -57,67 +58,68 @@ def test_signed_rank_p_matches_scipy():
     assert math.isnan(signed_rank_p(np.zeros(5)))
 
 
-def points(log_shift: float, *, n: int = 400, noise: float = 0.05, seed: int = 0,
-           checkpoints=(("first", "train"), ("last", "train"), ("first", "test"), ("last", "test"))) -> pd.DataFrame:
-    """Per-point distances: the last checkpoint's are the earlier ones' times exp(log_shift + noise), per point."""
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(0.5, 3.0, n)
-    rows = []
-    for name, split in checkpoints:
-        d = base if name != "last" else base * np.exp(log_shift + rng.normal(0, noise, n))
-        rows.append(pd.DataFrame({"checkpoint": name, "split": split, "index": np.arange(n), "distance": d}))
-    return pd.concat(rows, ignore_index=True)
+def test_joint_verdict_needs_every_statistic():
+    assert joint_verdict([1, 1, 1]) == HELD
+    assert joint_verdict([1, 1, 0]) == INCONCLUSIVE
+    assert joint_verdict([1, 1, -1]) == NOT_HELD   # one statistic clear the other way is enough
+    assert joint_verdict([0, -1]) == NOT_HELD
+    assert joint_verdict([]) == INCONCLUSIVE
 
 
-EPOCHS = {"first": 10, "middle": 20, "last": 30}
-GRID = [1.0, 2.0]
+def test_holm_on_a_hand_worked_case():
+    # sorted p 0.01, 0.02, 0.03, 0.04 of m = 4: (m - k) p = 0.04, 0.06, 0.06, 0.04; running max 0.04, 0.06, 0.06, 0.06
+    adjusted, levels = holm([0.03, 0.01, 0.04, 0.02])
+    assert adjusted == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert levels == pytest.approx([0.025, 0.0125, 0.05, 1 / 60])
+    # NaN counts as 1, the cap is 1, one test is left alone
+    adjusted, levels = holm([math.nan, 0.5, 0.001])
+    assert adjusted == pytest.approx([1.0, 1.0, 0.003]) and levels == pytest.approx([0.05, 0.025, 0.05 / 3])
+    assert holm([0.03]) == ([0.03], [0.05])
 
 
-def verdicts(rows: list[dict]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for r in rows:
-        out.setdefault(r["detail"].split(":")[0], set()).add(r["verdict"])
-    return out
+def test_binomial_and_mcnemar_against_the_binomial_sum():
+    def two_sided(k: int, n: int) -> float:  # symmetric null: twice the smaller tail
+        tail = sum(math.comb(n, j) for j in range(min(k, n - k) + 1)) / 2 ** n
+        return min(1.0, 2 * tail)
+    assert binomial_p(200, 450) == pytest.approx(two_sided(200, 450), rel=1e-9)
+    assert binomial_p(3, 10) == pytest.approx(two_sided(3, 10))
+    assert binomial_p(0, 0) == 1.0
+    before = np.array([1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    after = np.array([1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1], dtype=bool)  # 5 gained, 1 lost, 5 unchanged
+    assert mcnemar_p(before, after) == pytest.approx(two_sided(1, 6))
+    assert mcnemar_p(before, before) == 1.0  # nothing changed: no evidence either way
 
 
-def test_a_shift_holds_none_is_inconclusive_a_reversal_does_not_hold():
-    assert verdicts(robustness_rows(points(0.05), EPOCHS, GRID)) == {"train": {HELD}, "test": {HELD}}
-    assert verdicts(robustness_rows(points(0.0), EPOCHS, GRID)) == {"train": {INCONCLUSIVE}, "test": {INCONCLUSIVE}}
-    assert verdicts(robustness_rows(points(-0.05), EPOCHS, GRID)) == {"train": {NOT_HELD}, "test": {NOT_HELD}}
+def test_binomial_interval_is_clopper_pearson():
+    k, n, level = 200, 450, 0.99
+    low, high = binomial_interval(k, n, level)
+    a = (1 - level) / 2
+    assert low == pytest.approx(scipy_stats.beta.ppf(a, k, n - k + 1))
+    assert high == pytest.approx(scipy_stats.beta.ppf(1 - a, k + 1, n - k))
+    assert binomial_interval(0, 10)[0] == 0.0 and all(math.isnan(v) for v in binomial_interval(0, 0))
 
 
-def test_robustness_rows_report_every_statistic():
-    rows = {r["statistic"]: r for r in robustness_rows(points(0.05), EPOCHS, GRID) if r["detail"].startswith("train")}
-    assert set(rows) == {"median_log_distance_ratio", "share_distance_grew", "robust_accuracy_change_eps_1",
-                         "robust_accuracy_change_eps_2"}
-    med = rows["median_log_distance_ratio"]
-    assert med["ci_low"] < 0.05 < med["ci_high"] and med["p_value"] < 1e-6 and med["n"] == 400
-    assert rows["share_distance_grew"]["estimate"] > 0.75
-    assert "first → last" in med["detail"]
+def test_spearman_permutation_p_is_exact_for_few_runs():
+    # four runs in perfect order: only the identity and the reversal reach |ρ| = 1, p = 2/24 whatever the values
+    ordered = spearman_permutation_p(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 5.0, 7.0, 9.0]))
+    assert ordered == pytest.approx(2 / 24)
+    # against an independent enumeration of all 7! orderings (ties included)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    y[2] = y[4]
+    rho = scipy_stats.spearmanr(x, y).statistic
+    count = sum(abs(scipy_stats.spearmanr(x, y[list(p)]).statistic) >= abs(rho) - 1e-12
+                for p in itertools.permutations(range(7)))
+    assert spearman_permutation_p(x, y) == pytest.approx(count / math.factorial(7))
+    assert math.isnan(spearman_permutation_p(x, np.ones(7))) and math.isnan(spearman_permutation_p(x[:2], y[:2]))
 
 
-def test_misclassified_and_failed_points_leave_the_log_ratio_but_count_in_accuracy():
-    frame = points(0.0, n=100)
-    last_train = (frame["checkpoint"] == "last") & (frame["split"] == "train")
-    frame.loc[last_train & (frame["index"] < 10), "distance"] = 0.0      # misclassified at the end
-    frame.loc[last_train & frame["index"].between(10, 14), "distance"] = math.inf  # attack failed
-    rows = {r["statistic"]: r for r in robustness_rows(frame, EPOCHS, GRID) if r["detail"].startswith("train")}
-    assert rows["median_log_distance_ratio"]["n"] == 85
-    acc = rows["robust_accuracy_change_eps_1"]
-    before = (frame[(frame["checkpoint"] == "first") & (frame["split"] == "train")]["distance"] > 1.0).to_numpy()
-    after = (frame[last_train]["distance"] > 1.0).to_numpy()
-    assert acc["n"] == 100 and acc["estimate"] == pytest.approx(after.mean() - before.mean())
-
-
-def test_only_attacked_checkpoints_and_splits_count():
-    # the README's `attack --split test --checkpoints loss_1e-20,final` on a run with a third checkpoint:
-    # the test split compares exactly those two, the train split (never attacked) gets no row
-    frame = points(0.05, checkpoints=(("middle", "test"), ("last", "test")))
-    frame["checkpoint"] = frame["checkpoint"].replace({"middle": "loss_1e-20", "last": "final"})
-    rows = robustness_rows(frame, {"loss_1e-10": 5, "loss_1e-20": 20, "final": 30}, GRID)
-    assert {r["detail"].split(":")[0] for r in rows} == {"test"}
-    assert all("loss_1e-20 → final" in r["detail"] and r["verdict"] == HELD for r in rows)
-    one = robustness_rows(frame[frame["checkpoint"] == "final"], {"final": 30}, GRID)
-    assert len(one) == 1 and one[0]["verdict"] == "not measured" and "only final was attacked" in one[0]["detail"]
-    none = robustness_rows(None, {}, GRID)
-    assert len(none) == 1 and none[0]["verdict"] == "not measured"
+def test_spearman_permutation_p_sampled_for_more_runs():
+    # 30 runs: sampled orderings agree with scipy's t-approximation p up to sampling and approximation error
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=30)
+    y = 0.4 * x + rng.normal(size=30)
+    reference = scipy_stats.spearmanr(x, y).pvalue
+    got = spearman_permutation_p(x, y, n_perm=20000)
+    assert 0.001 < reference < 0.2 and got == pytest.approx(reference, abs=0.015)
+    assert spearman_permutation_p(x, y) == spearman_permutation_p(x, y)  # seeded
