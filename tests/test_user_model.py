@@ -164,3 +164,18 @@ def test_masking_check_runs_for_user_models_and_the_report_warns(tmp_path):
     from robustmargin.report import write_report
     write_report(tmp_path / "r")
     assert "Possible gradient masking" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_compare_takes_user_model_runs_and_mixed_runs(tmp_path):
+    torch.manual_seed(0)
+    x, y = data(8)
+    for name, width in (("a", 2), ("b", 4)):
+        torch.manual_seed(width)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(36, width * 4, bias=False), nn.ReLU(),
+                              nn.Linear(width * 4, 3, bias=False))
+        rm.evaluate(model, x, y, out=tmp_path / name, attacks="ddn", steps=20, report=False)
+    assert cli_main.main(["compare", "--runs", str(tmp_path / "a"), str(tmp_path / "b"),
+                          "--out", str(tmp_path / "cmp")]) == 0
+    rows = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert rows["run"].tolist() == ["a", "b"] and rows["median_distance"].notna().all()
+    assert (tmp_path / "cmp" / "compare.html").is_file()
