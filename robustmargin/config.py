@@ -64,6 +64,8 @@ class TrainConfig:
     max_seconds: float = math.inf           # stop (and save `final`) after this much training time
     max_steps: int = 0                      # stop after this many SGD steps, rolled-back ones included (0: no limit)
     compile: str = "auto"                   # auto: CUDA-graph the SGD step's forward on CUDA | off
+    deterministic: bool = True              # CUDA: deterministic kernels, the same bits run to run (slower)
+    tf32: bool = False                      # CUDA: TF32 convolutions and matmuls (faster, ~1e-3 relative error)
     metrics_every: int = 1                  # test split, β and support counts every this many epochs
 
 
@@ -129,6 +131,8 @@ def _check(cfg: Config) -> Config:
             raise UserError(f"config key {key} must not be negative, got {value}")
     ranges = [  # (key, value, allowed, text for the message)
         ("data.split_seed", d.split_seed, 0 <= d.split_seed < 2 ** 32, "in [0, 2^32)"),
+        # config.toml holds signed 64-bit integers, and the batch order is drawn from seed + 1
+        ("train.seed", t.seed, 0 <= t.seed <= 2 ** 63 - 2, "in [0, 2^63 - 2]"),
         ("train.r_up", t.r_up, 1 <= t.r_up < math.inf, "finite and >= 1"),
         ("train.r_down", t.r_down, 1 < t.r_down < math.inf, "finite and > 1"),
         ("train.batch_loss_ceiling", t.batch_loss_ceiling, t.batch_loss_ceiling > 1,

@@ -7,12 +7,16 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from robustmargin.errors import UserError
+
 T = TypeVar("T")
+_side: dict = {}  # under nccl, the gloo group that wait_all uses ("gloo") and the default group it is for
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,31 @@ def cores() -> int:
 
 
 def init(device: str = "cpu") -> World:
-    """Join the process group when launched by torchrun (nccl for cuda, gloo otherwise) and pick this
-    rank's device: cuda:LOCAL_RANK, or the CPU with the cores shared out so ranks do not oversubscribe.
-    More ranks than GPUs on a node share them round-robin; NCCL cannot put two ranks on one GPU, so the
-    group then uses gloo (which also reduces CUDA tensors)."""
+    """Join the process group when launched by torchrun and pick this rank's device (`rank_device`):
+    on CUDA, that GPU made current and the nccl backend; on the CPU, gloo with the cores shared out so
+    ranks do not oversubscribe. A bad device is a one-line UserError before any CUDA call."""
     w = world()
     if w.size > 1 and not dist.is_initialized():
-        cuda = str(device).startswith("cuda")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", w.size))
-        if cuda:
-            torch.cuda.set_device(rank_device("cuda"))
+        dev = rank_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         else:
-            torch.set_num_threads(max(1, cores() // local))
-        dist.init_process_group("nccl" if cuda and local <= torch.cuda.device_count() else "gloo")
+            torch.set_num_threads(max(1, cores() // local_size()))
+        dist.init_process_group(backend(dev))
+        # made now, while every rank is here: wait_all needs a gloo group, and NCCL has no monitored barrier
+        if backend(dev) != "gloo":
+            _side.update(gloo=dist.new_group(backend="gloo"), **{"for": dist.group.WORLD})
     return w
+
+
+def backend(device: torch.device | str) -> str:
+    """nccl for CUDA, gloo for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_size() -> int:
+    """The ranks on this node (torchrun's LOCAL_WORLD_SIZE; without it, all of them)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world().size))
 
 
 @contextlib.contextmanager
@@ -74,17 +89,18 @@ _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 def alone(device: str = "cpu") -> Iterator[World]:
     """Run a block as a one-process job on this rank's share of the machine, for work dealt out whole
     to ranks (the runs of a sweep): inside it every stage sees world size 1 — no process group, no
-    collectives — on cuda:LOCAL_RANK (made the current CUDA device, which plain "cuda" then means) or on
-    this rank's share of the CPU cores. Yields the rank's own World; the environment is restored after."""
+    collectives — on this rank's GPU (`rank_device`; made the current CUDA device, which plain "cuda" then
+    means) or on this rank's share of the CPU cores. Yields the rank's own World; the environment is restored after."""
     if active():
         raise RuntimeError("alone() needs this rank outside any process group")
     w = world()
     saved_env, saved_threads = {k: os.environ.get(k) for k in _LAUNCH_ENV}, torch.get_num_threads()
     if w.size > 1:
-        if str(device).startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.set_device(rank_device("cuda"))
+        dev = rank_device(device, collective=False)  # read while the launch environment is still there
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         else:
-            torch.set_num_threads(max(1, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", w.size))))
+            torch.set_num_threads(max(1, cores() // local_size()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     try:
         yield w
@@ -97,12 +113,37 @@ def alone(device: str = "cpu") -> Iterator[World]:
         torch.set_num_threads(saved_threads)
 
 
-def rank_device(device: str) -> torch.device:
-    """cuda → cuda:LOCAL_RANK under torchrun (modulo the GPUs there are); anything else unchanged."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and world().size > 1:
-        return torch.device("cuda", world().local_rank % max(1, torch.cuda.device_count()))
-    return dev
+def rank_device(device: torch.device | str, *, collective: bool = True) -> torch.device:
+    """This rank's device for a configured one ("cpu", "cuda" or "cuda:N"); what cannot work is a one-line
+    UserError. One process: the device as given. Under torchrun with CUDA: cuda:LOCAL_RANK when every rank
+    sees the node's GPUs, cuda:0 when each rank sees a single GPU of its own (a per-task
+    CUDA_VISIBLE_DEVICES, as SLURM sets). An explicit cuda:N is refused there (every rank would take the
+    same GPU), and so are more ranks on a node than GPUs (NCCL cannot put two ranks on one GPU) unless
+    not `collective`: ranks that never meet over NCCL (`alone`) then share the GPUs round-robin."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"bad device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    w, visible = world(), torch.cuda.device_count()
+    if w.size == 1:
+        if dev.index is not None and dev.index >= visible:
+            raise UserError(f"device {device} asked for, but torch sees {visible} CUDA device(s)")
+        return dev
+    if dev.index is not None:
+        raise UserError(f"device {device} names one GPU for all {w.size} ranks; use --device cuda "
+                        "(each rank then takes its own, cuda:LOCAL_RANK)")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if not collective:
+        return torch.device("cuda", w.local_rank % visible)
+    if local_size() > visible:
+        raise UserError(f"{local_size()} ranks on this node but {visible} GPUs visible to each; start at most "
+                        f"{visible} (torchrun --nproc-per-node {visible})")
+    return torch.device("cuda", w.local_rank)
 
 
 def deal(items: Sequence[T], w: World | None = None, *, snake: bool = False) -> list[T]:
@@ -122,8 +163,30 @@ def active() -> bool:
 
 
 def barrier() -> None:
+    """For ranks that arrive together (it is bound by the process group's timeout); after uneven shares
+    of work, use wait_all."""
     if active():
         dist.barrier()
+
+
+WAIT_S = 7 * 24 * 3600.0  # wait_all's default bound: a week, longer than any share of work here
+
+
+def wait_all(timeout: float = WAIT_S) -> None:
+    """Wait for every rank, however long the slowest takes up to `timeout` seconds: the barrier to use after
+    uneven shares of work (attack units), where one rank can finish hours before another. A plain barrier
+    would abort the job once the process group's timeout (10 to 30 minutes by default) passed; this one is
+    a monitored barrier over gloo with its own timeout, and when it runs out the error names the ranks
+    that never arrived."""
+    if not active():
+        return
+    if dist.get_backend() == "gloo":
+        side = None  # the default group itself
+    elif _side.get("for") is dist.group.WORLD:
+        side = _side["gloo"]
+    else:
+        raise RuntimeError("wait_all needs a gloo process group, or the one distributed.init makes")
+    dist.monitored_barrier(group=side, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

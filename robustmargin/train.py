@@ -12,19 +12,21 @@ import torch
 from tqdm import tqdm
 
 from robustmargin import distributed, losses, margins
-from robustmargin.rundir import read_index, record_checkpoint, write_index
-from robustmargin.config import Config, config_from_dict, load_config
+from robustmargin.config import Config, TrainConfig, config_from_dict, load_config
 from robustmargin.data import SHAPES, load_data
+from robustmargin.device import configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write, atomic_write_text
 from robustmargin.kkt import gradient_alignment
 from robustmargin.models import ModelSpec, build_model, parameter_norms
+from robustmargin.rundir import read_index, record_checkpoint, write_index
 from robustmargin.schedules import make_schedule
 
 SUPPORT_DECADES = 7
 BETA_POINTS = 256      # β uses the highest-loss points: exact once fewer lie within e^40 of the max loss
 BETA_LOG_WINDOW = 40.0
 COMPILE_OPTIONS = {"mode": "reduce-overhead", "dynamic": False}
+COMPILE_DEVICES = ("cuda",)   # where train.compile = "auto" compiles
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -63,10 +65,24 @@ def highest_loss_points(ev: Evaluation) -> torch.Tensor:
 
 def step_forward(model: torch.nn.Module, device: torch.device, setting: str):
     """The forward pass the SGD steps use: on CUDA with train.compile = "auto", compiled with CUDA graphs
-    (fixed shapes: the last short batch of a pass gets its own graph); elsewhere the model itself."""
-    if setting == "off" or device.type != "cuda":
+    (fixed shapes: the last short batch of a pass gets its own graph); elsewhere the model itself.
+
+    Compiled graphs belong to one Trainer, so the compile cache starts empty here. Kept across runs,
+    the graphs of earlier models (two per run) would fill torch's per-function recompile limit (8) within
+    a few runs of a sweep, after which later runs silently train eagerly; emptying it also frees the
+    earlier runs' CUDA-graph memory."""
+    if device.type not in COMPILE_DEVICES:
         return model
-    return torch.compile(model, **COMPILE_OPTIONS)
+    torch._dynamo.reset()
+    return model if setting == "off" else torch.compile(model, **COMPILE_OPTIONS)
+
+
+def train_device(t: TrainConfig) -> torch.device:
+    """This rank's device for train.device (a one-line UserError when it cannot work), with CUDA's
+    arithmetic set per train.tf32 and train.deterministic."""
+    device = distributed.rank_device(t.device)
+    configure_device(device, deterministic=t.deterministic, tf32=t.tf32)
+    return device
 
 
 def threshold_name(t: float) -> str:
@@ -80,9 +96,7 @@ class Trainer:
         t = cfg.train
         self.world = distributed.world()
         self.cfg, self.out, self.quiet = cfg, out, quiet or not self.world.is_main
-        if t.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no CUDA device is available; use --device cpu")
-        self.device = distributed.rank_device(t.device)
+        self.device = train_device(t)
         data = load_data(cfg.data) if data is None else data
         self.x, self.y = (v.to(self.device) for v in data["train"])
         self.x_test, self.y_test = (v.to(self.device) for v in data["test"])
@@ -349,8 +363,8 @@ def _check_out(cfg: Config, out: Path, resume: bool) -> None:
     old = load_config(saved).to_dict()
     new = cfg.to_dict()
     # keys that may change when a run is continued: where it runs, where data lies, when it stops
-    free = {"train.epochs", "train.device", "train.compile", "train.max_seconds", "train.max_steps", "train.stop_log10_loss",
-            "data.root", "data.download"}
+    free = {"train.epochs", "train.device", "train.compile", "train.deterministic", "train.tf32", "train.max_seconds",
+            "train.max_steps", "train.stop_log10_loss", "data.root", "data.download"}
     for section in new:
         for key in new[section]:
             if f"{section}.{key}" not in free and old[section][key] != new[section][key]:
