@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustmargin.claims import CLAIMS_DESCRIPTION, N_BOOT, claims_table
+from robustmargin.device import configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
 from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run, read_csv
@@ -544,6 +545,7 @@ def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     _check_device(device)
     chosen = check_epsilons(epsilons) if epsilons is not None else run.epsilons()
+    configure_device(device)  # IEEE float32 on CUDA, as in training
     if kkt_k < 1:
         raise UserError(f"kkt_k must be at least 1, got {kkt_k}")
     metrics = run.metrics()

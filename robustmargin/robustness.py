@@ -25,6 +25,7 @@ from robustmargin.attacks.runner import (
 )
 from robustmargin import distributed
 from robustmargin.distributed import World
+from robustmargin.device import configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
 from robustmargin.rundir import (DISTANCE_COLUMNS, SETTINGS_FILE, SPLITS, AttackSettings, Run, Unit,
@@ -236,6 +237,7 @@ def evaluate_run(
     check_splits(splits)
     check_device(device)
     masking = (not run.has_history) if masking is None else masking
+    configure_device(device)  # IEEE float32 on CUDA, as in training
     if not sharded:
         return _evaluate(run, settings, splits, checkpoints, torch.device(device), progress, World(), masking)
     with distributed.group(device) as w:
@@ -280,7 +282,7 @@ def _evaluate(run: Run, settings: AttackSettings, splits: Sequence[str], checkpo
                           dev, part_path(run.path, u, settings))
             bar.update(u.size)
     if w.size > 1:
-        distributed.barrier()
+        distributed.wait_all()  # shares are uneven: a plain barrier would time out on the slowest rank
     if w.is_main:
         merge_results(run, settings, labels=labels, index=index)
         if masking:
