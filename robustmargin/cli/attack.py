@@ -1,14 +1,14 @@
-"""`robustmargin attack`: per-sample minimal L2 distances and robust-accuracy curves for a run, or for any
-PyTorch classifier (--model SPEC), which becomes a new run directory (--out)."""
+"""`robustmargin attack`: per-sample minimal L2 adversarial distances and robust-accuracy curves for the
+checkpoints of a run (--run DIR), or for any PyTorch classifier (--model SPEC), which becomes a new run
+directory (--out). Finished batches are kept, so an interrupted attack continues where it stopped when the
+same command is run again."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from robustmargin import distributed
-from robustmargin.attacks.runner import ATTACKS, BUDGETS, ENSEMBLES
+from robustmargin.cli.common import ATTACKS, BUDGETS, ENSEMBLES, check_device
 from robustmargin.errors import UserError
-from robustmargin.robustness import evaluate_run
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,13 +29,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="DIR", help="with --model: the run directory to create")
     p.add_argument("--split", choices=("train", "test", "both"),
                    help="default: both (--model: both for a named dataset, test for an .npz file)")
-    p.add_argument("--n", type=int, help="points per split, the same for every checkpoint (default 100; "
-                                         "--model: at most 100)")
+    p.add_argument("--n", type=int, help="points per split, the same for every checkpoint (default 100; with "
+                                         "--model, the smallest split's size if that is fewer)")
     p.add_argument("--attacks", default="ensemble",
                    help=f"comma list of {', '.join(ATTACKS)}, or 'ensemble' (the default): the budget's "
                         f"ensemble, {'; '.join(f'{b}: ' + ','.join(e) for b, e in ENSEMBLES.items())}")
     p.add_argument("--checkpoints", default="all", help="all (default) or a comma list of checkpoint names")
-    p.add_argument("--budget", choices=tuple(BUDGETS), default="fast",
+    p.add_argument("--budget", choices=BUDGETS, default="fast",
                    help="fast (default): short tuned budgets; reference: each attack's reference settings "
                         "(CW 9x10000 steps); strong: reference CW, DDN and FMN with 10 restarts each")
     p.add_argument("--steps", type=int, help="override the step count of every attack")
@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--model needs --data and --out")
         if args.checkpoints != "all":
             raise UserError("--checkpoints applies to --run only (an external model is checkpoint `model`)")
+        check_device(args.device)
         from robustmargin.external import attack_spec
+
         distances, _ = attack_spec(args.model, weights=args.weights, data=args.data, out=args.out,
                                    split=args.split, n=args.n, data_root=args.data_root, download=args.download,
                                    **options)
@@ -67,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
         splits = ("train", "test") if split == "both" else (split,)
         if not args.run_dir.is_dir():
             raise UserError(f"run directory {args.run_dir} does not exist")
+        check_device(args.device)
+        from robustmargin.robustness import evaluate_run
+
         distances, _ = evaluate_run(args.run_dir, splits=splits, n=100 if args.n is None else args.n,
                                     checkpoints=args.checkpoints, **options)
+    from robustmargin import distributed
+
     if not args.quiet and distributed.world().is_main:  # under torchrun, one summary
         best = distances.groupby(["checkpoint", "split", "index"], sort=False)["distance"].min().reset_index()
         summary = best.groupby(["checkpoint", "split"], sort=False)["distance"].agg(

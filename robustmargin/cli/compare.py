@@ -1,4 +1,7 @@
-"""`robustmargin compare`: margins against attack distances across the runs of a sweep (or any runs)."""
+"""`robustmargin compare`: does a larger normalized margin go with larger attack distances? One row per run
+and checkpoint from each run's own tables and attack results, Spearman correlations at each loss threshold
+with bootstrap intervals, figures and a compare.html, for the runs of a sweep (DIR/compare/) or for any
+analyzed runs (--runs ... --out DIR)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +11,7 @@ from robustmargin.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="compare margins and robustness across runs")
+    p = subparsers.add_parser("compare", help="compare margins and robustness across runs", description=__doc__)
     p.add_argument("dir", type=Path, nargs="?", help="sweep directory (writes DIR/compare/)")
     p.add_argument("--runs", type=Path, nargs="+", help="run directories to compare instead of a sweep")
     p.add_argument("--out", type=Path, help="output directory (with --runs)")

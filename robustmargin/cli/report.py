@@ -1,9 +1,8 @@
-"""`robustmargin report --run DIR`: figures and a self-contained RUN/report.html from an analyzed run."""
+"""`robustmargin report --run DIR`: figures (RUN/figures/*.png) and a self-contained RUN/report.html drawn
+from the files of an analyzed run; no stage is rerun."""
 from __future__ import annotations
 
 import argparse
-
-from robustmargin.report import write_report
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,6 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustmargin.report import write_report
+
     path = write_report(args.run_dir)
     if not args.quiet:
         print(f"wrote {path}")

@@ -1,11 +1,9 @@
-"""`robustmargin status --run DIR`: what each stage of a run (or of every run of a sweep) has done."""
+"""`robustmargin status --run DIR`: what each stage of a run (or of every run of a sweep) has done: done,
+stale (its inputs changed since), partial (killed or unfinished) or missing."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-
-from robustmargin.status import directory_status, format_status
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -19,6 +17,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
+    from robustmargin.status import directory_status, format_status
+
     status = directory_status(args.run_dir)
     print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0

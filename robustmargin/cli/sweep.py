@@ -1,4 +1,6 @@
-"""`robustmargin sweep`: one run per point of a grid over config keys, each through the usual stages."""
+"""`robustmargin sweep`: one run directory per point of a grid over config keys, each taken through the
+stages asked for. Every grid point's config is checked before anything runs; finished runs and stages are
+kept, so running the same command again does only what is missing."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="train, attack and analyze one run per grid point")
+    p = subparsers.add_parser("sweep", help="train, attack and analyze one run per grid point", description=__doc__)
     p.add_argument("--config", type=Path, required=True,
                    help="TOML: a config (or preset = NAME) plus a [grid] table of dotted keys → lists")
     p.add_argument("--out", type=Path, required=True, help="sweep directory; runs go to OUT/runs/KEY=VALUE,…")
