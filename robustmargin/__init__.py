@@ -7,14 +7,16 @@ import importlib
 import sys
 import types
 
-__all__ = ["Config", "UserError", "evaluate", "load_checkpoint", "load_config", "load_preset", "load_split",
-           "minimal_distances", "robust_accuracy_curve", "train"]
+__all__ = ["Config", "UserError", "adversarial_examples", "evaluate", "load_checkpoint", "load_config",
+           "load_dataset", "load_preset", "load_split", "minimal_distances", "robust_accuracy_curve", "train"]
 __version__ = "0.1.0"
 
 # public name → the module that defines it
 _HOMES = {
     "Config": "robustmargin.config",
     "UserError": "robustmargin.errors",
+    "adversarial_examples": "robustmargin.rundir",
+    "load_dataset": "robustmargin.data",
     "evaluate": "robustmargin.external",
     "load_checkpoint": "robustmargin.checkpoints",
     "load_config": "robustmargin.config",

@@ -7,6 +7,7 @@ listed in the index as checkpoint `model`. From then on it is a run like any oth
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from robustmargin.config import DATASETS, DataConfig
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write
 from robustmargin.rundir import (LIVE_DATA, USER_CHECKPOINT, ModelRecord, Run, claim_model_run, file_sha256,
-                                 portable_path, portable_spec, write_index)
+                                 npz_bytes, portable_path, portable_spec, write_index)
 from robustmargin.usermodel import build_module, check_data, check_outputs, load_weights, state_sha256
 
 
@@ -46,10 +47,12 @@ def _warn(message: str) -> None:
 
 def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | None = None,
                 split: str | None = None, n: int | None = None, data_root: str = "data", download: bool = False,
-                **options) -> tuple[pd.DataFrame, pd.DataFrame]:
+                sample: int | None = None, seed: int = 0, **options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`robustmargin attack --model SPEC`: build the run directory `out`, then attack as for any run.
 
-    Every argument is checked before `out` is created, so a refused command leaves nothing behind.
+    With `sample`, a random subset of that many points of the split (drawn with `seed`) is attacked instead
+    of the first `n`; it is kept in the run as data.npz, its test split. Every argument is checked before
+    `out` is created, so a refused command leaves nothing behind.
     `options` go to robustness.evaluate_run (attacks, budget, steps, batch_size, device, progress)."""
     from robustmargin.data import load_data, load_npz
     from robustmargin.robustness import attack_settings, check_device, evaluate_run
@@ -83,6 +86,17 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
             raise UserError(f"the data {data} has no {s} split (an .npz file is the test split)")
         check_data(*splits_data[s], what=f"{data} {s}")
         warnings += [w for w in check_outputs(model, *splits_data[s]) if w not in warnings]
+    subset = None
+    if sample is not None:
+        if len(splits) != 1:
+            raise UserError("--sample draws from one split: give --split train or --split test")
+        x, y = splits_data[splits[0]]
+        if not 1 <= sample <= len(y):
+            raise UserError(f"--sample must lie in [1, {len(y)}] (the {splits[0]} split), got {sample}")
+        pick = torch.as_tensor(np.random.default_rng(seed).choice(len(y), size=sample, replace=False))
+        subset = npz_bytes(x=x[pick].numpy(), y=y[pick].numpy(), index=pick.numpy())
+        splits_data, splits, n = {"test": (x[pick], y[pick])}, ("test",), n or sample
+        data_config, stored_data, data_sha = None, LIVE_DATA, hashlib.sha256(subset).hexdigest()
     if n is None:
         n = min(100, *(len(splits_data[s][1]) for s in splits))
     for s in splits:
@@ -93,6 +107,8 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
         _warn(line)
     claim_model_run(out, ModelRecord(model=portable_spec(spec, out), weights_sha256=sha, data=stored_data,
                                      data_sha256=data_sha, data_config=data_config))
+    if subset is not None:  # the drawn points, with their indices in the split they came from
+        atomic_write(out / LIVE_DATA, lambda tmp: Path(tmp).write_bytes(subset))
     _record_model(out, model)
     return evaluate_run(out, splits=splits, n=n, **options)
 

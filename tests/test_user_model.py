@@ -179,3 +179,23 @@ def test_compare_takes_user_model_runs_and_mixed_runs(tmp_path):
     rows = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert rows["run"].tolist() == ["a", "b"] and rows["median_distance"].notna().all()
     assert (tmp_path / "cmp" / "compare.html").is_file()
+
+
+def test_attack_a_seeded_random_sample_with_chosen_eps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymods.py").write_text(MODELS)
+    argv = ["attack", "--model", "mymods.py:mlp", "--data", "mnist5k", "--split", "test", "--sample", "6",
+            "--seed", "3", "--eps", "1.0,0.5", *FAST]
+    assert cli_main.main([*argv, "--out", "s"]) == 0
+    with np.load(tmp_path / "s" / "data.npz") as f:
+        index = f["index"]
+    assert len(index) == 6 and len(set(index)) == 6 and list(index) != list(range(6))
+    y = load_dataset("mnist5k")["test"][1]
+    assert torch.equal(rm.load_split(tmp_path / "s", "test")[1], y[torch.as_tensor(index)])
+    assert Run(tmp_path / "s").epsilons() == [0.5, 1.0]
+    assert cli_main.main([*argv, "--out", "t"]) == 0  # the same seed: the same points
+    with np.load(tmp_path / "t" / "data.npz") as f:
+        assert list(f["index"]) == list(index)
+    assert cli_main.main(["attack", "--model", "mymods.py:mlp", "--data", "mnist5k", "--sample", "6",
+                          "--out", "u", "--quiet"]) == 2  # both splits: which one to draw from?
+    assert not (tmp_path / "u").exists()

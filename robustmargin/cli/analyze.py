@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from robustmargin.cli.common import check_device
+from robustmargin.cli.common import add_eps, check_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for the forward passes: cpu (default) or cuda")
     p.add_argument("--kkt-k", type=int, default=100, metavar="K",
                    help="samples of smallest margin used for the KKT residuals (default: 100)")
+    add_eps(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (notes still go to stderr)")
     p.set_defaults(run=run)
     return p
@@ -25,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     from robustmargin.analysis import analyze_run
 
-    result = analyze_run(args.run_dir, device=args.device, kkt_k=args.kkt_k, progress=not args.quiet)
+    result = analyze_run(args.run_dir, device=args.device, kkt_k=args.kkt_k, progress=not args.quiet,
+                         epsilons=args.eps)
     for note in result.warnings:
         print(f"robustmargin analyze: note: {note}", file=sys.stderr)
     if not args.quiet:

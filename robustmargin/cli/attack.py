@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from robustmargin.cli.common import ATTACKS, BUDGETS, ENSEMBLES, check_device
+from robustmargin.cli.common import ATTACKS, BUDGETS, ENSEMBLES, add_eps, check_device, seed
 from robustmargin.errors import UserError
 
 
@@ -40,6 +40,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(CW 9x10000 steps); strong: reference CW, DDN and FMN with 10 restarts each")
     p.add_argument("--steps", type=int, help="override the step count of every attack")
     p.add_argument("--batch-size", type=int, default=100, help="points per attack batch (default 100)")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="with --model: attack a random subset of N points of the split (drawn with --seed, kept "
+                        "in the run as data.npz) instead of the first --n")
+    p.add_argument("--seed", type=seed, default=0, help="with --sample: the seed of the subset (default 0)")
+    add_eps(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.set_defaults(run=run)
@@ -59,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
         distances, _ = attack_spec(args.model, weights=args.weights, data=args.data, out=args.out,
                                    split=args.split, n=args.n, data_root=args.data_root, download=args.download,
-                                   **options)
+                                   sample=args.sample, seed=args.seed, **options)
         args.run_dir = args.out
     else:
-        given = [f for f, v in (("--weights", args.weights), ("--data", args.data), ("--out", args.out)) if v]
+        given = [f for f, v in (("--weights", args.weights), ("--data", args.data), ("--out", args.out),
+                                ("--sample", args.sample)) if v]
         if given:
             raise UserError(f"{', '.join(given)} go with --model, not --run")
         split = args.split or "both"
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
                                     checkpoints=args.checkpoints, **options)
     from robustmargin import distributed
 
+    if args.eps is not None and distributed.world().is_main:
+        from robustmargin.rundir import Run
+
+        Run(args.run_dir).choose_epsilons(args.eps)  # analyze and report use them from now on
     if not args.quiet and distributed.world().is_main:  # under torchrun, one summary
         best = distances.groupby(["checkpoint", "split", "index"], sort=False)["distance"].min().reset_index()
         summary = best.groupby(["checkpoint", "split"], sort=False)["distance"].agg(

@@ -12,7 +12,7 @@ from pathlib import Path
 from robustmargin.errors import UserError
 
 # robustmargin.attacks.runner: ATTACKS, BUDGETS and ENSEMBLES
-ATTACKS = ("cw", "ddn", "fmn", "foolbox-cw", "foolbox-ddn", "foolbox-fmn", "alma", "apgd")
+ATTACKS = ("cw", "ddn", "fmn", "foolbox-cw", "foolbox-ddn", "foolbox-fmn", "foolbox-hsj", "alma", "apgd")
 BUDGETS = ("fast", "reference", "strong")
 ENSEMBLES = {"fast": ("ddn", "alma", "apgd"), "reference": ("ddn", "alma", "apgd"), "strong": ("cw", "ddn", "fmn")}
 # robustmargin.config.SCHEDULES
@@ -40,6 +40,23 @@ def seed(text: str) -> int:
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must lie in [0, 2**63 - 2], got {text}")
     return value
+
+
+def epsilons(text: str) -> list[float]:
+    """argparse type of --eps: a comma list of finite, non-negative numbers."""
+    try:
+        values = [float(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of numbers, got {text!r}") from None
+    if not values or not all(0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite non-negative numbers, got {text!r}")
+    return sorted(set(values))
+
+
+def add_eps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eps", type=epsilons, metavar="E1,E2,…",
+                   help="the L2 budgets ε at which robust accuracy is reported with 95 %% intervals (default: "
+                        "those chosen by an earlier `attack --eps`, else the quartiles of the distances)")
 
 
 def check_out_dir(path: Path | str | None, flag: str = "--out") -> None:

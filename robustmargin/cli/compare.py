@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="output directory (with --runs)")
     p.add_argument("--split", default="test", choices=("train", "test"),
                    help="split whose attack results are compared (default test)")
-    p.add_argument("--epsilons", help="comma-separated ε of the robust-accuracy columns "
+    p.add_argument("--eps", "--epsilons", dest="epsilons", help="comma-separated ε of the robust-accuracy columns "
                                       "(default 5 evenly spaced up to the largest distance)")
     p.set_defaults(run=run)
 
