@@ -28,6 +28,7 @@ from robustmargin.device import configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
 from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run, read_csv
+from robustmargin.stats import binomial_interval
 
 METRIC_COLUMNS = ("epoch", "log10_loss", "train_acc", "test_acc", "normalized_margin",
                   "normalized_margin_layerwise", "smoothed_normalized_margin")
@@ -60,7 +61,7 @@ DESCRIPTIONS = {
                             "median of distance/radius over correctly classified points, robust accuracy at "
                             "three ε (quartiles of all attack distances), KKT residuals (training set).",
     "robust_accuracy": "Robust accuracy (fraction of the attacked points whose best attack distance exceeds "
-                       "ε; misclassified points count as not robust) with a 95 % Wilson interval, at the ε "
+                       "ε; misclassified points count as not robust) with an exact 95 % (Clopper-Pearson) interval, at the ε "
                        "chosen with --eps (source chosen) or else at the quartiles of all attack distances "
                        "(source quartile).",
     "summary": "Per checkpoint and split, over the attacked points (else the whole split): clean accuracy, "
@@ -349,18 +350,8 @@ def pick_epsilons(best: pd.DataFrame | None) -> dict[str, float]:
     return {k: float(f"{np.quantile(d, q):.2g}") for k, q in EPSILON_QUANTILES.items()}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (95 % by default): sound at 0 and 1 and for small n."""
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def robust_accuracy_table(best: pd.DataFrame | None, epsilons: list[float] | None) -> pd.DataFrame:
-    """Robust accuracy per checkpoint, split and ε with its 95 % (Wilson) interval over the attacked points:
+    """Robust accuracy per checkpoint, split and ε with its exact 95 % interval over the attacked points:
     at the chosen ε, or else at the quartiles of all distances (source says which)."""
     columns = ["checkpoint", "split", "epsilon", "source", "n", "robust_accuracy", "ci_low", "ci_high"]
     if best is None or best.empty:
@@ -372,7 +363,7 @@ def robust_accuracy_table(best: pd.DataFrame | None, epsilons: list[float] | Non
         d = part["distance"].to_numpy(float)
         for eps in grid:
             k = int((d > eps).sum())
-            low, high = wilson_interval(k, len(d))
+            low, high = binomial_interval(k, len(d))
             rows.append({"checkpoint": checkpoint, "split": split, "epsilon": eps, "source": source, "n": len(d),
                          "robust_accuracy": k / len(d), "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=columns)

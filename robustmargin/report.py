@@ -65,7 +65,7 @@ def summary_html(run: Run, tables: dict[str, pd.DataFrame], settings: str | None
         items.append(f"<li>{line}</li>")
     where = f"<p>Settings: {html.escape(settings)}.</p>" if settings else "<p>No attack results yet.</p>"
     return [f"<div class='card' id='summary'><h2>Summary: checkpoint {html.escape(last)}</h2><ul>{''.join(items)}"
-            f"</ul>{where}<p class='desc'>95 % intervals: bootstrap for the median, Wilson for accuracies.</p>"
+            f"</ul>{where}<p class='desc'>95 % intervals: bootstrap for the median, exact (Clopper-Pearson) for accuracies.</p>"
             f"</div>"]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import robustmargin as rm
-from robustmargin.analysis import robust_accuracy_table, wilson_interval
+from robustmargin.analysis import robust_accuracy_table
 from robustmargin.cli import main as cli_main
 from robustmargin.data import load_dataset
 from robustmargin.rundir import Run
@@ -65,14 +65,13 @@ def test_evaluate_batchnorm_residual_gives_one_row_per_point(tmp_path):
     pd.testing.assert_frame_equal(again, points)  # the same data through a DataLoader: the same run
 
 
-def test_robust_accuracy_at_chosen_eps_with_wilson_intervals():
-    # reference values of the 95 % Wilson interval
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+def test_robust_accuracy_at_chosen_eps_with_exact_intervals():
     best = pd.DataFrame({"checkpoint": "m", "split": "test", "index": range(4), "distance": [0.0, 0.4, 1.2, math.inf]})
     table = robust_accuracy_table(best, [0.5, 1.0])
     assert table["robust_accuracy"].tolist() == [0.5, 0.5] and set(table["source"]) == {"chosen"}
-    assert (table["ci_low"] < 0.5).all() and (table["ci_high"] > 0.5).all()
+    # the exact 95 % interval of 2 in 4: [0.0676, 0.9324]
+    assert table["ci_low"].tolist() == pytest.approx([0.0676] * 2, abs=1e-4)
+    assert table["ci_high"].tolist() == pytest.approx([0.9324] * 2, abs=1e-4)
     assert set(robust_accuracy_table(best, None)["source"]) == {"quartile"}
 
 

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "in the run as data.npz) instead of the first --n")
     p.add_argument("--seed", type=seed, default=0, help="with --sample: the seed of the subset (default 0)")
     add_eps(p)
+    p.add_argument("--masking-check", choices=("auto", "on", "off"), default="auto",
+                   help="compare the gradient attacks with the decision-based foolbox-hsj on 10 points, to "
+                        "catch gradient masking (auto, the default: on for --model, off for --run)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.set_defaults(run=run)
@@ -53,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     options = dict(attacks=args.attacks, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
-                   device=args.device, progress=not args.quiet)
+                   device=args.device, progress=not args.quiet,
+                   masking={"auto": None, "on": True, "off": False}[args.masking_check])
     if args.model is not None:
         if args.data is None or args.out is None:
             raise UserError("--model needs --data and --out")
