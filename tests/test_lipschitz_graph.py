@@ -458,7 +458,7 @@ def test_hooked_layers_are_refused_and_their_traceable_twin_is_sound():
     assert bound is None and "forward-pre hook" in reason
     bound, reason = graph_bound(twin, x)
     found = minimal_distances(twin, x, y, attack="ddn", steps=200, restarts=3)
-    weights_only = math.prod(float(torch.linalg.matrix_norm(m.weight.double(), ord=2))
+    weights_only = math.prod(float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2))
                              for m in twin.layers if isinstance(m, nn.Linear))
     assert bound.total == pytest.approx(weights_only / 0.05, rel=1e-6)
     assert bool((bound.certified_radii(x, y) <= found * (1 + 1e-4)).all())

@@ -16,13 +16,13 @@ started at 1), learning rate decaying exponentially to lr × 0.01 over the steps
 follow a sample's first adversarial; iterates are clipped to the box. The smallest adversarial
 seen (the package's criterion) is kept. `restarts` and `seed` work as in DDN (see ddn.py).
 
-Settings. These defaults (1000 steps, α = 0.9, lr = 0.1) are the reference implementation's
-defaults (adv_lib). The authors' MNIST L2 runs also size the first step instead of fixing lr
+Settings. The defaults (1000 steps, α = 0.9, lr = 0.1) are those of the authors' implementation
+(adv_lib). Their MNIST L2 script also sizes the first step instead of fixing lr
 (`init_lr_distance` = 0.1): each sample's lr is found by a line search so that a plain gradient
 step from the start, x + δ − lr·∇, clipped to the box, lies at L2 distance 0.1 from x + δ
 (a zero gradient is replaced by a random unit direction; where the box keeps every such step
 shorter, `lr` stays); that lr then holds for every step.
-Their 100-step runs add α = 0.5. The fast budget (runner.FAST_SETTINGS) uses that 100-step setting.
+Its 100-step runs add α = 0.5; the fast budget (runner.FAST_SETTINGS) is that 100-step setting.
 """
 from __future__ import annotations
 
