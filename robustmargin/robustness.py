@@ -308,7 +308,7 @@ def check_masking(run: Run, model: torch.nn.Module, checkpoint: str, split: str,
     points = points[(points["checkpoint"] == checkpoint) & (points["split"] == split)].sort_values("index")
     points = points.head(MASKING_POINTS)
     x, y = run.split(split)
-    idx = torch.as_tensor(points["index"].to_numpy())
+    idx = torch.as_tensor(points["index"].to_numpy(copy=True))
     found = masking_check(model, x[idx].to(device), y[idx].to(device),
                           torch.as_tensor(points["distance"].to_numpy(float)), device=device)
     record = {"checkpoint": checkpoint, "split": split, "points": points["index"].tolist(),
