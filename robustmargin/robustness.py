@@ -310,7 +310,7 @@ def check_masking(run: Run, model: torch.nn.Module, checkpoint: str, split: str,
     x, y = run.split(split)
     idx = torch.as_tensor(points["index"].to_numpy(copy=True))
     found = masking_check(model, x[idx].to(device), y[idx].to(device),
-                          torch.as_tensor(points["distance"].to_numpy(float)), device=device)
+                          torch.as_tensor(points["distance"].to_numpy(float, copy=True)), device=device)
     record = {"checkpoint": checkpoint, "split": split, "points": points["index"].tolist(),
               "gradient": found.gradient.tolist(), "decision": found.decision.tolist(),
               "suspect": [int(points["index"].iloc[int(i)]) for i in found.suspect],
