@@ -65,7 +65,7 @@ class TrainConfig:
     max_steps: int = 0                      # stop after this many SGD steps, rolled-back ones included (0: no limit)
     compile: str = "auto"                   # auto: CUDA-graph the SGD step's forward on CUDA | off
     deterministic: bool = True              # CUDA: deterministic kernels, the same bits run to run (slower)
-    tf32: bool = False                      # CUDA: TF32 convolutions and matmuls (faster, ~1e-3 relative error)
+    tf32: bool = False                      # CUDA: TF32 convolutions and matmuls (faster; inputs rounded to 10 bits)
     metrics_every: int = 1                  # test split, β and support counts every this many epochs
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from robustmargin.errors import UserError
 
 T = TypeVar("T")
-_side: dict = {}  # under nccl, the gloo group that wait_all uses ("gloo") and the default group it is for
+_side: dict = {}  # under nccl: the gloo group that wait_all uses, and the default group ("world") it belongs to
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def init(device: str = "cpu") -> World:
         dist.init_process_group(backend(dev))
         # made now, while every rank is here: wait_all needs a gloo group, and NCCL has no monitored barrier
         if backend(dev) != "gloo":
-            _side.update(gloo=dist.new_group(backend="gloo"), **{"for": dist.group.WORLD})
+            _side.update(gloo=dist.new_group(backend="gloo"), world=dist.group.WORLD)
     return w
 
 
@@ -90,7 +90,8 @@ def alone(device: str = "cpu") -> Iterator[World]:
     """Run a block as a one-process job on this rank's share of the machine, for work dealt out whole
     to ranks (the runs of a sweep): inside it every stage sees world size 1 — no process group, no
     collectives — on this rank's GPU (`rank_device`; made the current CUDA device, which plain "cuda" then
-    means) or on this rank's share of the CPU cores. Yields the rank's own World; the environment is restored after."""
+    means) or on this rank's share of the CPU cores. Yields the rank's own World; the environment is
+    restored after."""
     if active():
         raise RuntimeError("alone() needs this rank outside any process group")
     w = world()
@@ -182,7 +183,7 @@ def wait_all(timeout: float = WAIT_S) -> None:
         return
     if dist.get_backend() == "gloo":
         side = None  # the default group itself
-    elif _side.get("for") is dist.group.WORLD:
+    elif _side.get("world") is dist.group.WORLD:
         side = _side["gloo"]
     else:
         raise RuntimeError("wait_all needs a gloo process group, or the one distributed.init makes")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from robustmargin.attacks import BUDGETS, ENSEMBLES, budget_options, per_sample_minimum, run_attack
+from robustmargin.device import configure
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     from robustmargin import load_checkpoint, load_split
 
     torch.set_num_threads(1)
+    configure(args.device)  # IEEE float32 and deterministic kernels on CUDA, as every stage
     model, _ = load_checkpoint(args.run / "checkpoints" / f"{args.checkpoint}.pt")
     x, y = load_split(args.run, args.split)
     x, y = x[: args.n], y[: args.n]

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import robustmargin  # noqa: F401  (loads robustmargin.train, which the package's `train` function shadows)
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
 ROWS = ("fast_path=on", "fast_path=off", "fast_path=on/deterministic=false")
 
@@ -53,12 +51,12 @@ def test_small_run_with_two_torchrun_ranks(tmp_path):
 def test_a_row_leaves_nothing_alive_for_the_next(tmp_path, monkeypatch):
     """Each row's peak is its own: once a row is done and released, its trainer, model and data are
     gone, compiled graphs included (compiled here on the CPU, as CUDA would)."""
-    train_mod = sys.modules["robustmargin.train"]
-    monkeypatch.setattr(train_mod, "COMPILE_DEVICES", ("cpu",))
-    monkeypatch.setattr(train_mod, "COMPILE_OPTIONS", {"backend": "eager", "dynamic": False})
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     bench_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_gpu)
+    train_mod = sys.modules["robustmargin.train"]  # the module: the package's `train` is the function
+    monkeypatch.setattr(train_mod, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(train_mod, "COMPILE_OPTIONS", {"backend": "eager", "dynamic": False})
     alive = []
 
     class Watched(bench_gpu.Trainer):
