@@ -289,7 +289,7 @@ def _evaluate(run: Run, settings: AttackSettings, splits: Sequence[str], checkpo
             last = chosen.iloc[-1]
             check_masking(run, run.load_model(str(last.file)), str(last["name"]), splits[-1], dev)
     if w.size > 1:
-        distributed.barrier()
+        distributed.wait_all()  # the merge and the masking check can take long at paper scale
     results = run.results()
     return results.distances, results.curves
 
