@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from robustmargin import load_checkpoint
 from robustmargin.cli import main as cli_main
 from robustmargin.config import load_config
 
-train_mod = sys.modules["robustmargin.train"]  # the package attribute `robustmargin.train` is the function
+train_mod = importlib.import_module("robustmargin.train")  # the package attribute `robustmargin.train` is the function
 
 TINY = """\
 [data]

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
-        except (OSError, ValueError):  # stdout is no file descriptor (captured): nothing will flush it
+        except (AttributeError, OSError, ValueError):  # stdout is no file descriptor: nothing will flush it
             pass
         return 141
 

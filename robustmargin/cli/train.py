@@ -1,5 +1,6 @@
-"""`robustmargin train`: train a homogeneous network into a run directory, with a checkpoint each time the
-training loss crosses one of the configured thresholds."""
+"""`robustmargin train`: train a homogeneous network into a run directory (metrics.csv, checkpoints/), with a
+checkpoint each time the training loss first falls below one of the configured thresholds and one at the
+end. An interrupted run continues from its last accepted epoch with --resume."""
 from __future__ import annotations
 
 import argparse
