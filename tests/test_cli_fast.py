@@ -121,12 +121,14 @@ def test_package_names_are_unchanged():
     import robustmargin.attacks
     import robustmargin.checkpoints
     import robustmargin.config
+    import robustmargin.data
     import robustmargin.errors
     import robustmargin.external
     import robustmargin.robustness
     import robustmargin.rundir
 
     homes = {"Config": robustmargin.config, "UserError": robustmargin.errors, "evaluate": robustmargin.external,
+             "adversarial_examples": robustmargin.rundir, "load_dataset": robustmargin.data,
              "load_checkpoint": robustmargin.checkpoints, "load_config": robustmargin.config,
              "load_preset": robustmargin.config, "load_split": robustmargin.rundir,
              "minimal_distances": robustmargin.attacks, "robust_accuracy_curve": robustmargin.robustness,
