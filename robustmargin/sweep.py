@@ -136,8 +136,9 @@ def check_stages(stages: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in names)
 
 
-def claim_directory(out: Path, sweep: Sweep) -> None:
-    """Record the sweep in out/sweep.toml, or check that the one recorded there is this same sweep."""
+def claim_directory(out: Path, sweep: Sweep, *, write: bool = True) -> None:
+    """Record the sweep in out/sweep.toml (with `write`), or check that the one recorded there is this same
+    sweep."""
     record = out / SWEEP_FILE
     if is_run(out):
         raise UserError(f"{out} holds a run (config.toml), not a sweep; choose another --out")
@@ -148,7 +149,8 @@ def claim_directory(out: Path, sweep: Sweep) -> None:
         return
     if any((out / "runs").glob("*/config.toml")):
         raise UserError(f"{out} holds runs of another sweep (runs/ without {SWEEP_FILE}); choose another --out")
-    atomic_write_text(record, sweep.record())  # every rank writes the same text: no rank waits for another
+    if write:
+        atomic_write_text(record, sweep.record())  # every rank writes the same text: no rank waits for another
 
 
 def sweep_grid(out: str | Path) -> dict[str, list[Any]]:
@@ -219,6 +221,7 @@ def sweep(config: str | Path, out: str | Path, *, stages: str | tuple[str, ...] 
     spec, chosen, out = read_sweep(config), check_stages(stages), Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    claim_directory(out, spec, write=False)
     if "attack" in chosen:  # before any run is trained, every run's attack must be possible
         for point in spec.points:
             check_attack_plan(point.config, n, device=point.config.train.device)
