@@ -60,7 +60,7 @@ def summary_html(run: Run, tables: dict[str, pd.DataFrame], settings: str | None
         if math.isfinite(r.median_radius):
             line += f"; median certified radius {r.median_radius:.4g}"
         if not pd.isna(r.doubtful) and r.doubtful:
-            line += (f"; {r.doubtful} doubtful points (attacks disagree by more than 5 %; tighten them with "
+            line += (f"; {int(r.doubtful)} doubtful points (attacks disagree by more than 5 %; tighten them with "
                      f"<code>robustmargin attack --run {html.escape(str(run.path))} --budget strong</code>)")
         items.append(f"<li>{line}</li>")
     where = f"<p>Settings: {html.escape(settings)}.</p>" if settings else "<p>No attack results yet.</p>"
@@ -289,12 +289,16 @@ def render_html(run_dir: Path, config_text: str, claims: pd.DataFrame | None, ta
     for name in SHOWN_TABLES:
         frame = tables.get(name)
         shown = None if frame is None else frame.dropna(axis=1, how="all")
+        if name == "kkt" and shown is not None and "eps" not in shown:
+            shown = None  # no residuals: q_min alone is in the other tables
         if shown is None or shown.empty or len(shown.columns) <= 2:  # nothing but checkpoint names
             left_out.append(name)
             continue
         title = TABLE_TITLES[name] if history or name != "table1" else "Margins and accuracy per checkpoint"
+        text = describe(name, frame) if history or name != "table1" else describe(name, frame).replace(
+            "The paper's Table 1: training", "Per checkpoint:")
         parts += [f"<h3>{html.escape(title)} <small>(tables/{name}.csv)</small></h3>"
-                  f"<p class='desc'>{html.escape(describe(name, frame))}</p>", table_html(shown, f"table-{name}")]
+                  f"<p class='desc'>{html.escape(text)}</p>", table_html(shown, f"table-{name}")]
     if left_out:
         parts.append(f"<p class='desc'>Left out, empty for this run: {', '.join(left_out)} "
                      f"(tables/notes.txt says why).</p>")
