@@ -728,6 +728,8 @@ class Run:
                                                                            f"the analysis did not finish")
         if any(p.stat().st_mtime_ns > (self.path / PROVENANCE).stat().st_mtime_ns for p in tables):
             return "partial", "tables newer than their record: an analysis did not finish"
+        if not (self.path / ROBUSTNESS / "certified.csv").is_file():
+            return "partial", "robustness/certified.csv is missing"
         try:
             results = self.results()
             now = self.inputs(results)

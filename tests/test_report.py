@@ -201,6 +201,7 @@ def test_report_without_robustness(tmp_path):
     mvr.drop(columns=[c for c in mvr if "eps" in c or "robust" in c]).to_csv(
         run / "tables" / "margin_vs_robustness.csv", index=False)
     write_claims(run)
+    _write(run / "robustness" / "certified.csv", pd.DataFrame(columns=["checkpoint", "split", "index", "radius"]))
     r = Run(run)
     r.write_provenance(r.inputs(None))
     report.write_report(run)

@@ -243,6 +243,8 @@ def test_status_of_train_analyze_report_files(run):
     r = Run(run)
     r.write_provenance(r.inputs(None))  # what analyze writes last
     touch(run / "tables" / "table1.csv", now - 90)
+    assert states(run)["analyze"] == "partial"  # its certified radii are missing
+    touch(run / "robustness" / "certified.csv", now - 90)
     assert states(run)["analyze"] == "done"
     touch(run / "tables" / "table1.csv", time.time() + 5)  # a later analysis killed midway
     assert states(run)["analyze"] == "partial"
