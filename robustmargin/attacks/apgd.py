@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
-from robustmargin.attacks.ddn import normalized, random_start, with_restarts
+from robustmargin.attacks.ddn import DeadGradientNoise, normalized, random_start, with_restarts
 from robustmargin.errors import UserError
 
 
@@ -63,7 +63,7 @@ def _project(x: Tensor, delta: Tensor, eps: Tensor) -> Tensor:
 
 
 def _apgd(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, delta: Tensor, *, steps: int, rho: float,
-          momentum: float, best_norm: Tensor, best_adv: Tensor, generator: torch.Generator) -> None:
+          momentum: float, best_norm: Tensor, best_adv: Tensor, noise: DeadGradientNoise) -> None:
     """One APGD run at radius ε (per sample) from `delta`; updates best_norm/best_adv in place."""
     marks = set(checkpoints(steps))
 
@@ -89,7 +89,7 @@ def _apgd(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, delta: Tensor, *,
     last_mark = 0
     for k in range(1, steps):
         with torch.no_grad():
-            z = _project(x, delta + batch_view(eta, x) * normalized(grad, generator=generator), eps)
+            z = _project(x, delta + batch_view(eta, x) * normalized(grad, noise()), eps)
             a = momentum if k > 1 else 1.0
             step = _project(x, delta + a * (z - delta) + (1 - a) * (delta - previous), eps)
             previous = delta
@@ -135,13 +135,15 @@ def apgd(
     momentum: float = 0.75,
     restarts: int = 1,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Minimal-norm APGD-DLR (L2); returns adversarials (the original input where none was found).
 
     `steps` is APGD's iteration count per ε (the paper's 100), `search_steps` the number of ε
     tried per sample; `init_epsilon` replaces the linear estimate of the first ε. `restarts`
     and `seed` work as in DDN (see ddn.py): a further run starts its search at a random point
-    of the sphere through the best point found so far.
+    of the sphere through the best point found so far. `start` (points shaped like `inputs`)
+    is where the first run's search begins, at ε = its distance, instead of the linear estimate.
     """
     if steps < 1 or search_steps < 1:
         raise UserError("steps and search_steps must be at least 1")
@@ -149,6 +151,7 @@ def apgd(
         raise UserError("init_epsilon must be positive")
     x = inputs.detach()
     y = labels.detach().to(x.device)
+    noise = DeadGradientNoise(x, seed)
 
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         start = delta.flatten(1).norm(dim=1)
@@ -157,14 +160,15 @@ def apgd(
         else:
             eps = linear_boundary_estimate(model, x, y)
         eps = torch.where(start > 0, start, eps)
-        return _search(model, x, y, eps, delta, generator=generator, steps=steps, search_steps=search_steps,
-                       rho=rho, momentum=momentum)
+        return _search(model, x, y, eps, delta, generator=generator, noise=noise, steps=steps,
+                       search_steps=search_steps, rho=rho, momentum=momentum)
 
-    return with_restarts(run, x, restarts=restarts, seed=seed)
+    return with_restarts(run, x, restarts=restarts, seed=seed, start=start)
 
 
 def _search(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, delta: Tensor, *, generator: torch.Generator,
-            steps: int, search_steps: int, rho: float, momentum: float) -> tuple[Tensor, Tensor]:
+            noise: DeadGradientNoise, steps: int, search_steps: int, rho: float,
+            momentum: float) -> tuple[Tensor, Tensor]:
     """The search over ε from a first ε and start; returns (best norms, best points), inf/x where none."""
     worst = torch.maximum(x, 1 - x).flatten(1).norm(dim=1)
     best_norm = torch.full_like(eps, math.inf)
@@ -180,7 +184,7 @@ def _search(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, delta: Tensor, 
             start = torch.where(batch_view(delta.flatten(1).norm(dim=1) > 0, x), delta,
                                 random_start(x, eps, generator=generator))
         _apgd(model, x, y, eps, start, steps=steps, rho=rho, momentum=momentum, best_norm=best_norm,
-              best_adv=best_adv, generator=generator)
+              best_adv=best_adv, noise=noise)
         succeeded = best_norm <= eps
         failed = torch.where(succeeded, failed, torch.maximum(failed, eps))
         found = torch.isfinite(best_norm)

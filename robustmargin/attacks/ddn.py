@@ -19,7 +19,11 @@ input as above and each further run starts on the sphere through the best point 
 so far (radius = that distance; half the box's largest distance while nothing is
 found), in an independent uniformly random direction, clipped to the box; ε starts at
 the start's norm. The smallest adversarial over all runs is kept per sample. Directions
-come from `seed`, so a call is repeatable.
+come from `seed`, so a call is repeatable. `start` moves the first run's start from the
+input to given points (another attack's best, say).
+
+Where the gradient is exactly zero (a region where the logits are flat), the step takes a
+random direction instead; the test is made on the device, so no step waits for a host read.
 """
 from __future__ import annotations
 
@@ -32,31 +36,61 @@ from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
 from robustmargin.errors import UserError
 
+# Offset of the seed of the zero-gradient directions' stream (any value apart from small seeds).
+_DEAD_STREAM = 0x5EED_0000_0000
 
-def normalized(g: Tensor, *, generator: torch.Generator) -> Tensor:
-    """Unit-L2 rows; a zero row is replaced by a fixed random direction so the search can move."""
+
+def normalized(g: Tensor, noise: Tensor) -> Tensor:
+    """Unit-L2 rows; a zero row is replaced by the unit row of `noise` (random) so the search can move.
+
+    The choice is made on the device (no host read), so the steps of a run queue without waiting on a GPU.
+    """
     norms = g.flatten(1).norm(dim=1)
     dead = norms == 0
-    if bool(dead.any()):
-        noise = torch.randn(g.shape, generator=generator, dtype=g.dtype, device="cpu").to(g.device)
-        g = torch.where(batch_view(dead, g), noise, g)
-        norms = g.flatten(1).norm(dim=1)
+    g = torch.where(batch_view(dead, g), noise, g)
+    norms = torch.where(dead, noise.flatten(1).norm(dim=1), norms)
     return g / batch_view(norms.clamp_min(1e-12), g)
+
+
+class DeadGradientNoise:
+    """A fresh random direction per step for rows whose gradient is exactly zero (flat logits).
+
+    Drawn every step on the inputs' device from a stream of its own: nothing waits for a host read
+    to decide whether it is needed, and the restarts' random starts do not depend on it.
+    """
+
+    def __init__(self, like: Tensor, seed: int) -> None:
+        self.like = like
+        self.generator = torch.Generator(device=like.device).manual_seed(_DEAD_STREAM + seed)
+
+    def __call__(self) -> Tensor:
+        return torch.randn(self.like.shape, generator=self.generator, dtype=self.like.dtype, device=self.like.device)
 
 
 def random_start(x: Tensor, radius: Tensor, *, generator: torch.Generator) -> Tensor:
     """A perturbation of norm `radius` (per sample) in a uniformly random direction, clipped to the box."""
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    return (x + normalized(noise, generator=generator) * batch_view(radius, x)).clamp(0, 1) - x
+    unit = noise / batch_view(noise.flatten(1).norm(dim=1).clamp_min(1e-12), noise)
+    return (x + unit * batch_view(radius, x)).clamp(0, 1) - x
 
 
-def with_restarts(run, x: Tensor, *, restarts: int, seed: int) -> Tensor:
+def start_perturbation(x: Tensor, start: Tensor | None) -> Tensor:
+    """The first run's perturbation: `start - x` inside the box, 0 without `start`."""
+    if start is None:
+        return torch.zeros_like(x)
+    if start.shape != x.shape:
+        raise UserError(f"start must have the inputs' shape {tuple(x.shape)}, got {tuple(start.shape)}")
+    return start.detach().to(device=x.device, dtype=x.dtype).clamp(0, 1) - x
+
+
+def with_restarts(run, x: Tensor, *, restarts: int, seed: int, start: Tensor | None = None) -> Tensor:
     """Best adversarial per sample over `restarts` runs of `run(delta0, generator) -> (norms, points)`:
-    the first from delta0 = 0, the others from random starts on the sphere through the best so far."""
+    the first from delta0 = start - x (0 without `start`), the others from random starts on the sphere
+    through the best so far."""
     if restarts < 1:
         raise UserError("restarts must be at least 1")
     generator = torch.Generator().manual_seed(seed)
-    best_norm, best_adv = run(torch.zeros_like(x), generator)
+    best_norm, best_adv = run(start_perturbation(x, start), generator)
     fallback = torch.maximum(x, 1 - x).flatten(1).norm(dim=1) / 2
     for _ in range(restarts - 1):
         radius = torch.where(torch.isfinite(best_norm), best_norm, fallback)
@@ -79,21 +113,26 @@ def ddn(
     min_lr: float = 0.01,
     restarts: int = 1,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """Untargeted DDN-L2; returns adversarials (the original input where none was found)."""
+    """Untargeted DDN-L2; returns adversarials (the original input where none was found).
+
+    `start` (points shaped like `inputs`) is where the first run begins instead of the inputs.
+    """
     if steps < 1:
         raise UserError("steps must be at least 1")
     x = inputs.detach()
     y = labels.detach().to(x.device)
+    noise = DeadGradientNoise(x, seed)
 
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return _ddn_run(model, x, y, delta, generator=generator, steps=steps, init_epsilon=init_epsilon,
+        return _ddn_run(model, x, y, delta, noise=noise, steps=steps, init_epsilon=init_epsilon,
                         gamma=gamma, max_lr=max_lr, min_lr=min_lr)
 
-    return with_restarts(run, x, restarts=restarts, seed=seed)
+    return with_restarts(run, x, restarts=restarts, seed=seed, start=start)
 
 
-def _ddn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator: torch.Generator, steps: int,
+def _ddn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, noise: DeadGradientNoise, steps: int,
              init_epsilon: float, gamma: float, max_lr: float, min_lr: float) -> tuple[Tensor, Tensor]:
     """One DDN run from the perturbation `delta`; returns (best norms, best points), inf/x where none."""
     n = x.shape[0]
@@ -120,7 +159,7 @@ def _ddn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator
             best_norm = torch.where(better, norm, best_norm)
             best_adv = torch.where(batch_view(better, x), x_adv.detach(), best_adv)
 
-            delta = delta + alpha * normalized(grad, generator=generator)
+            delta = delta + alpha * normalized(grad, noise())
             eps = torch.where(adv, eps * (1 - gamma), eps * (1 + gamma))
             eps = torch.minimum(eps, worst)
             scale = eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)

@@ -12,8 +12,9 @@ points and grows by (1+γ) otherwise. α and γ are cosine-annealed; the smalles
 adversarial perturbation seen is kept. Two additions of ours, both for points on the
 box edge or near-linear models (MNIST backgrounds are exactly 0): the gradient is
 restricted to directions that stay in the box, and the pre-success boundary estimate
-carries a small overshoot. `restarts` and `seed` work as in DDN (see ddn.py): further
-runs start at random points on the sphere through the best point found so far.
+carries a small overshoot. `restarts`, `seed` and `start` work as in DDN (see ddn.py): further
+runs start at random points on the sphere through the best point found so far, and a zero
+gradient is handled on the device as there.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from robustmargin.attacks.criterion import is_adversarial
 from robustmargin.attacks.cw import batch_view, label_and_best_other
-from robustmargin.attacks.ddn import normalized, with_restarts
+from robustmargin.attacks.ddn import DeadGradientNoise, normalized, with_restarts
 from robustmargin.errors import UserError
 
 
@@ -45,6 +46,7 @@ def fmn(
     overshoot: float = 0.02,
     restarts: int = 1,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Untargeted FMN-L2; returns adversarials (the original input where none was found).
 
@@ -52,6 +54,7 @@ def fmn(
     paper; DeepFool's remedy) enlarges the linear boundary estimate used before the first
     success: without it, on a locally linear model the projection lands exactly on the
     boundary, where rounding decides whether the point ever counts as adversarial.
+    `start` (points shaped like `inputs`) is where the first run begins instead of the inputs.
     """
     if steps < 1:
         raise UserError("steps must be at least 1")
@@ -60,13 +63,15 @@ def fmn(
     options = dict(steps=steps, max_lr=max_lr, final_lr=max_lr / 100 if min_lr is None else min_lr,
                    gamma=gamma, min_gamma=min_gamma, overshoot=overshoot)
 
+    noise = DeadGradientNoise(x, seed)
+
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return _fmn_run(model, x, y, delta, generator=generator, **options)
+        return _fmn_run(model, x, y, delta, noise=noise, **options)
 
-    return with_restarts(run, x, restarts=restarts, seed=seed)
+    return with_restarts(run, x, restarts=restarts, seed=seed, start=start)
 
 
-def _fmn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator: torch.Generator, steps: int,
+def _fmn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, noise: DeadGradientNoise, steps: int,
              max_lr: float, final_lr: float, gamma: float, min_gamma: float,
              overshoot: float) -> tuple[Tensor, Tensor]:
     """One FMN run from the perturbation `delta`; returns (best norms, best points), inf/x where none."""
@@ -108,7 +113,7 @@ def _fmn_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, generator
             )
             eps = torch.minimum(eps, worst)
 
-            delta = delta - alpha * normalized(grad, generator=generator)
+            delta = delta - alpha * normalized(grad, noise())
             scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1)
             delta = (x + delta * batch_view(scale, x)).clamp(0, 1) - x
 
