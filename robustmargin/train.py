@@ -301,7 +301,11 @@ class Trainer:
         else:  # a fresh start, or a kill before the first state was saved: begin again
             self.forget_old_records()
             self.accept(self.evaluate_train())
-        bar = tqdm(total=t.epochs, initial=self.epoch, disable=self.quiet, unit="epoch", dynamic_ncols=True)
+        # a total only when the epoch count is what will stop the run: a loss target or a time or step budget
+        # usually ends it long before, and a bar towards `epochs` would promise work that is never done
+        bounded = t.stop_log10_loss == -math.inf and t.max_seconds == math.inf and not t.max_steps
+        bar = tqdm(total=t.epochs if bounded else None, initial=self.epoch, disable=self.quiet, unit="epoch",
+                   dynamic_ncols=True)
         stop = "epochs"
         while self.epoch < t.epochs:
             if losses.log10(self.log_frame) < t.stop_log10_loss:

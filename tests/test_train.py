@@ -589,3 +589,29 @@ def test_metrics_every_k_resumes_identically(tmp_path):
     train(tiny(epochs=RESUME_EPOCHS // 2, metrics_every=4), out)
     train(tiny(epochs=RESUME_EPOCHS, metrics_every=4), out, resume=True)
     assert_same_run(out, ref)
+
+
+@pytest.mark.parametrize("keys, total", [({"epochs": 3}, 3), ({"epochs": 3, "stop_log10_loss": -50.0}, None),
+                                         ({"epochs": 3, "max_steps": 2}, None)])
+def test_progress_bar_promises_only_the_work_that_will_be_done(tmp_path, monkeypatch, keys, total):
+    import importlib
+
+    train_module = importlib.import_module("robustmargin.train")  # the module; the package's name is the function
+    totals = []
+
+    class Bar:
+        def __init__(self, *args, total=None, **kwargs):
+            totals.append(total)
+
+        def update(self, *_):
+            pass
+
+        def set_postfix_str(self, *_):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_module, "tqdm", Bar)
+    train(tiny(**keys), tmp_path / "run", quiet=False)
+    assert totals == [total]
