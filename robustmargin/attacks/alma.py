@@ -61,8 +61,12 @@ def alma(
     logit_tolerance: float = 1e-4,
     restarts: int = 1,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """Untargeted ALMA-L2; returns adversarials (the original input where none was found)."""
+    """Untargeted ALMA-L2; returns adversarials (the original input where none was found).
+
+    `start` (points shaped like `inputs`) is where the first run begins instead of the inputs.
+    """
     if steps < 1 or check_steps < 1:
         raise UserError("steps and check_steps must be at least 1")
     if not (lr > 0 and 0 < lr_reduction <= 1 and 0 <= alpha < 1):
@@ -75,7 +79,7 @@ def alma(
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return _alma_run(model, x, y, delta, **options)
 
-    return with_restarts(run, x, restarts=restarts, seed=seed)
+    return with_restarts(run, x, restarts=restarts, seed=seed, start=start)
 
 
 def _alma_run(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, *, steps: int, lr: float, lr_reduction: float,
