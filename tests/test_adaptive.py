@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustmargin.attacks import apgd, ddn, fmn
+from robustmargin.attacks import alma, apgd, ddn, fmn
 from robustmargin.attacks.adaptive import (AdaptiveSettings, AdaptiveState, Step, adaptive_attack, adaptive_round,
                                            start_state)
 from robustmargin.errors import UserError
@@ -181,7 +181,7 @@ def test_bad_settings_are_user_errors(problem):
             adaptive_attack(model, x[:4], y[:4], SHORT, **bad)
 
 
-@pytest.mark.parametrize("attack,options", [(ddn, {"steps": 10}), (fmn, {"steps": 10}),
+@pytest.mark.parametrize("attack,options", [(ddn, {"steps": 10}), (fmn, {"steps": 10}), (alma, {"steps": 10}),
                                             (apgd, {"steps": 3, "search_steps": 3})])
 def test_a_start_at_an_adversarial_is_never_lost(problem, attack, options):
     """The first run evaluates its start: the result is never farther than an adversarial start."""
@@ -198,3 +198,17 @@ def test_a_start_at_an_adversarial_is_never_lost(problem, attack, options):
     assert (d_got[adversarial] <= d_start[adversarial]).all()
     with pytest.raises(UserError, match="shape"):
         attack(model, x, y, start=far[:3], **options)
+
+
+def test_a_round_leaves_the_state_it_was_given(problem):
+    model, x, y = problem
+    state = adaptive_round(model, x, y, start_state(model, x, y, SHORT), SHORT)
+    saved = state.to_dict()
+    copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items() if k != "attacks"}
+    later = adaptive_round(model, x, y, state, SHORT)
+    assert later.rounds_done == 2 and state.rounds_done == 1
+    for key, value in copy.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(getattr(state, key), value, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert getattr(state, key) == value, key

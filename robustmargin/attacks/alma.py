@@ -70,10 +70,12 @@ def alma(
     init_lr_distance: float | None = None,
     restarts: int = 1,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Untargeted ALMA-L2; returns adversarials (the original input where none was found).
 
-    With `init_lr_distance`, `lr` is found per sample from the first step's size (module note)."""
+    With `init_lr_distance`, `lr` is found per sample from the first step's size (module note). `start`
+    (points shaped like `inputs`) is where the first run begins instead of the inputs."""
     if steps < 1 or check_steps < 1:
         raise UserError("steps and check_steps must be at least 1")
     if not (lr > 0 and 0 < lr_reduction <= 1 and 0 <= alpha < 1):
@@ -89,7 +91,7 @@ def alma(
     def run(delta: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return _alma_run(model, x, y, delta, generator=generator, **options)
 
-    return with_restarts(run, x, restarts=restarts, seed=seed)
+    return with_restarts(run, x, restarts=restarts, seed=seed, start=start)
 
 
 def first_step_lr(start: Tensor, grad: Tensor, distance: float, fallback: float, *, doublings: int = 40,
