@@ -107,3 +107,53 @@ def test_snake_deal_partitions_and_alternates(size):
     assert sorted(sum(shares, [])) == items
     if size == 2:
         assert shares == [[0, 3, 4, 7, 8], [1, 2, 5, 6, 9]]
+
+
+GROUP_TIMEOUT_S, LATE_S = 3, 6  # rank 1's first batch ends well after the process group's own timeout
+
+
+def _late_rank(rank: int, port: int, run: str) -> None:
+    import functools
+    import os
+    import time
+    from datetime import timedelta
+
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_group = torch.distributed.init_process_group
+    torch.distributed.init_process_group = functools.partial(init_group, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    real = robustness._attack_batch
+
+    def late(*args, **kwargs):
+        if rank == 1 and not getattr(late, "slept", False):
+            late.slept = True
+            time.sleep(LATE_S)
+        return real(*args, **kwargs)
+
+    robustness._attack_batch = late
+    robustness.evaluate_run(run, splits=("test",), n=8, attacks="ddn,fmn", steps=10, batch_size=3, progress=False)
+
+
+def test_a_rank_late_past_the_group_timeout_still_gives_the_files_of_one_process(runs, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single, _ = runs  # attacked on both splits; this compares the test split's merged view
+    late = tmp_path / "late"
+    shutil.copytree(single, late, symlinks=True)
+    shutil.rmtree(late / "robustness")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_late_rank, args=(port, str(late)), nprocs=2, join=True)
+    one = tmp_path / "one"
+    shutil.copytree(single, one, symlinks=True)
+    shutil.rmtree(one / "robustness")
+    robustness.evaluate_run(one, splits=("test",), n=8, attacks="ddn,fmn", steps=10, batch_size=3, progress=False,
+                            sharded=False)
+    for name in ("distances.csv", "points.csv"):
+        assert (late / "robustness" / name).read_bytes() == (one / "robustness" / name).read_bytes(), name
