@@ -165,6 +165,10 @@ def figure_counts(results: Results | None, tables: dict[str, pd.DataFrame]) -> d
         n = ", ".join(f"{split} {k}" for split, k in per.items())
         out["robust_accuracy"] = f"{CAPTIONS['robust_accuracy']} Points per checkpoint: {n}."
         out["adversarials"] = (f"{CAPTIONS['adversarials']} Attacked points per checkpoint: {n}.")
+    margins = tables.get("margins")
+    if margins is not None and not np.isfinite(margins["normalized_margin_layerwise"].to_numpy(float)).any():
+        out["margin_distribution"] = ("Distribution of per-sample logit margins q_n per checkpoint (no layer-wise "
+                                      "normalization applies to this model).")
     summary = tables.get("summary")
     if summary is not None and "certified_vs_attacks" in CAPTIONS:
         per = summary.groupby("split")["n"].max()
