@@ -83,7 +83,7 @@ def test_rounds_follow_the_rules(problem, result):
     assert result.rounds.max() <= SHORT.max_rounds
 
     model, x, y = problem
-    state = start_state(model, x, y, SHORT)
+    state = start_state(model, x, y)
     for round_ in range(1, SHORT.max_rounds + 1):
         before = state.distances.clone()
         going = state.active.clone()
@@ -161,7 +161,7 @@ def test_adversarials_are_verified(problem, result):
 
 def test_resumes_from_the_state_after_any_round(problem, result):
     model, x, y = problem
-    state = start_state(model, x, y, SHORT)
+    state = start_state(model, x, y)
     while not state.done:
         state = adaptive_round(model, x, y, state, SHORT)
         buffer = io.BytesIO()
@@ -202,7 +202,7 @@ def test_a_start_at_an_adversarial_is_never_lost(problem, attack, options):
 
 def test_a_round_leaves_the_state_it_was_given(problem):
     model, x, y = problem
-    state = adaptive_round(model, x, y, start_state(model, x, y, SHORT), SHORT)
+    state = adaptive_round(model, x, y, start_state(model, x, y), SHORT)
     saved = state.to_dict()
     copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items() if k != "attacks"}
     later = adaptive_round(model, x, y, state, SHORT)

@@ -145,6 +145,8 @@ class AdaptiveState:
 
 @dataclass(frozen=True)
 class AdaptiveSettings:
+    """The rounds' attacks, the doubt thresholds (module note), the stopping rule and the seed."""
+
     round1: tuple[Step, ...] = ROUND1
     further: tuple[Step, ...] = FURTHER
     max_rounds: int = 4
@@ -243,7 +245,7 @@ def _record(state: AdaptiveState, name: str, idx: Tensor, result) -> None:
         state.best_attack[i] = name
 
 
-def start_state(model: nn.Module, x: Tensor, y: Tensor, settings: AdaptiveSettings) -> AdaptiveState:
+def start_state(model: nn.Module, x: Tensor, y: Tensor) -> AdaptiveState:
     """The state before round 1: which points are correct, all of those active."""
     with torch.no_grad():
         correct = ~misclassified(model, x, y, batch_size=len(x)).cpu()
@@ -329,7 +331,7 @@ def adaptive_attack(model: nn.Module, x: Tensor, y: Tensor, settings: AdaptiveSe
     settings.check()
     if x.dim() < 2 or y.shape != (len(x),):
         raise UserError(f"expected inputs (N, ...) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    state = start_state(model, x, y, settings)
+    state = start_state(model, x, y)
     while not state.done:
         state = adaptive_round(model, x, y, state, settings, hints)
     return state
