@@ -17,7 +17,18 @@
     <= 1.05, within 3 x the cost of the previous fast default (DDN + FMN, 100 steps). With --out it writes tail.json and
     tail.md there (and nothing anywhere else).
 
+(d) the budgets (`--parts d`): fast, reference, strong and adaptive (attacks/adaptive.py), each per
+    point as a ratio to the best distance any configuration found whose cost is at most 10 x the fast
+    budget's (the four budgets, each attack at 10 x its fast steps, DDN and FMN with 10 restarts):
+    median, 90th percentile, worst, share within 1 % and 0.1 %, forward+backward passes per attacked
+    point and seconds, the adaptive budget's rounds per point; on the run's first and last checkpoints,
+    train and test, or (`--bn-cnn`) on a small BatchNorm CNN trained here on the embedded digits.
+    `--strong-n K` runs the strong budget (CW at its reference settings) on the first K points of
+    each group only. With --out it writes budgets.json and budgets.md there.
+
 Usage: python scripts/bench_attacks.py --run DIR [--n 100] [--out DIR]       (part c)
+       python scripts/bench_attacks.py --run DIR --parts d --n 25 [--strong-n 5] [--out DIR]
+       python scripts/bench_attacks.py --bn-cnn --parts d --n 50
        python scripts/bench_attacks.py --run DIR --parts a,b [--split test]
        python scripts/bench_attacks.py --selftest --parts a,b   (trains a small CNN itself)
 """
@@ -35,7 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustmargin.attacks.runner import ENSEMBLE, AttackResult, fast_options, run_attack
+from robustmargin.attacks.adaptive import adaptive_attack
+from robustmargin.attacks.runner import BUDGETS, ENSEMBLE, ENSEMBLES, AttackResult, budget_options, fast_options, run_attack
 
 TAIL_ATTACKS = ("ddn", "fmn", "alma", "apgd")
 PREVIOUS_DEFAULT = ("ddn", "fmn")  # the fast default before the tail benchmark: 100 steps each
@@ -199,6 +211,170 @@ def tail_part(models, data, n: int, factors: list[float], restarts: list[int]) -
     }
 
 
+def bn_cnn_models(n: int, epochs: int = 4) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]]:
+    """A small CNN with BatchNorm (not homogeneous: the attacks must not rely on it), trained for a few
+    epochs on 2000 embedded MNIST digits; its train and test points."""
+    from robustmargin.config import config_from_dict
+    from robustmargin.data import load_data
+
+    splits = load_data(config_from_dict({"data": {"n_train": 2000, "n_test": max(n, 200)}}).data)
+    x, y = splits["train"]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 50):
+            batch = order[i:i + 50]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+    return [("bn-cnn", model.eval())], {"train": splits["train"], "test": splits["test"]}
+
+
+def budget_runs() -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """The runs of each budget, as the attack stage runs them (runner.BUDGETS and ENSEMBLES)."""
+    return {budget: [(name, budget_options(name, budget)) for name in ENSEMBLES[budget]] for budget in BUDGETS}
+
+
+def pool_runs() -> list[tuple[str, dict[str, Any]]]:
+    """The further single runs of the pool: each attack at 10 x its fast steps, DDN and FMN with 10 restarts."""
+    runs = []
+    for name in TAIL_ATTACKS:
+        options = fast_options(name)
+        options.pop("restarts", None)
+        options["steps"] *= REFERENCE_FACTOR
+        runs.append((name, options))
+    return runs + [(name, budget_options(name, "strong")) for name in ("ddn", "fmn")]
+
+
+def _key(name: str, options: dict[str, Any]) -> str:
+    """The attack with all its effective options: equal runs under different budgets run once."""
+    import inspect
+
+    from robustmargin.attacks.runner import get_attack
+
+    params = inspect.signature(get_attack(name)).parameters.values()
+    effective = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return name + json.dumps({**effective, **options}, sort_keys=True)
+
+
+def budgets_part(models, data, n: int, strong_n: int) -> dict[str, Any]:
+    """Every budget and pool run on every (checkpoint, split); ratios to the pool's best per point."""
+    plans = budget_runs()
+    groups = []
+    for (ckpt, model), (split, (x, y)) in itertools.product(models, data.items()):
+        x, y = x[:n], y[:n]
+        runs: dict[str, AttackResult] = {}
+        for budget, items in [(b, r) for b, r in plans.items() if b != "strong"] + [("pool", pool_runs())]:
+            for name, options in items:
+                if _key(name, options) not in runs:
+                    runs[_key(name, options)] = run_attack(model, x, y, name, batch_size=len(x), **options)
+                    print(f"{ckpt} {split} {_key(name, options)}: {runs[_key(name, options)].seconds:.1f} s",
+                          file=sys.stderr)
+        k = min(strong_n, len(x))
+        strong = [run_attack(model, x[:k], y[:k], name, batch_size=max(k, 1), **options)
+                  for name, options in plans["strong"] if name == "cw"] if k else []
+        print(f"{ckpt} {split} strong cw on {k} points: {sum(r.seconds for r in strong):.1f} s", file=sys.stderr)
+        state = adaptive_attack(model, x, y)
+        print(f"{ckpt} {split} adaptive: {state.seconds:.1f} s, rounds {torch.bincount(state.rounds).tolist()}",
+              file=sys.stderr)
+        groups.append({"label": f"{ckpt}/{split}", "runs": runs, "strong_cw": strong, "adaptive": state, "k": k})
+
+    def config(budget: str, g) -> tuple[torch.Tensor, float, float, int]:
+        """Per-point distance, passes per attacked point, seconds and attacked points of a budget on a group."""
+        if budget == "adaptive":
+            st = g["adaptive"]
+            attacked = int(st.correct.sum())
+            return st.distances, st.passes / max(attacked, 1), st.seconds, attacked
+        items = [g["runs"][_key(name, options)] for name, options in plans[budget] if name != "cw" or budget != "strong"]
+        if budget == "strong":
+            k = g["k"]
+            dist = torch.stack([r.distances[:k] for r in items] + [r.distances for r in g["strong_cw"]]).amin(0)
+            parts = items + g["strong_cw"]
+            passes = sum((r.forwards + r.backwards) / max(r.attacked, 1) for r in parts)
+            # the restarted runs' seconds on the strong subset's share of the points
+            seconds = sum(r.seconds * k / max(len(r.distances), 1) for r in items) + sum(r.seconds for r in g["strong_cw"])
+            return dist, passes, seconds, int(items[0].correct[:k].sum())
+        dist = torch.stack([r.distances for r in items]).amin(0)
+        return dist, sum((r.forwards + r.backwards) / max(r.attacked, 1) for r in items), \
+            sum(r.seconds for r in items), items[0].attacked
+
+    names = ["fast", "reference", "adaptive"] + (["strong"] if any(g["k"] for g in groups) else [])
+    fast_passes = sum(config("fast", g)[1] * config("fast", g)[3] for g in groups) / sum(config("fast", g)[3] for g in groups)
+    limit = REFERENCE_FACTOR * fast_passes
+    bests, pooled_from = [], set()
+    for g in groups:
+        candidates = []
+        for key, r in g["runs"].items():
+            if (r.forwards + r.backwards) / max(r.attacked, 1) <= limit:
+                candidates.append(r.distances)
+                pooled_from.add(key)
+        for budget in names:
+            d, passes, _, _ = config(budget, g)
+            if passes <= limit and budget != "strong":
+                candidates.append(d)
+                pooled_from.add(budget)
+        best = torch.stack(candidates).amin(0)
+        if g["k"] and config("strong", g)[1] <= limit:
+            best[:g["k"]] = torch.minimum(best[:g["k"]], config("strong", g)[0])
+            pooled_from.add("strong")
+        bests.append(best)
+
+    rows = {}
+    for budget in names:
+        dists, refs, passes, seconds, attacked, per_group = [], [], 0.0, 0.0, 0, {}
+        for g, best in zip(groups, bests):
+            d, p, sec, att = config(budget, g)
+            ref = best[:len(d)]
+            dists.append(d)
+            refs.append(ref)
+            passes += p * att
+            seconds += sec
+            attacked += att
+            per_group[g["label"]] = tail_stats(d, ref)
+        d, ref = torch.cat(dists), torch.cat(refs)
+        row = {**tail_stats(d, ref), "within_0.1pct": _within(d, ref, 1.001), "passes_per_point": passes / max(attacked, 1),
+               "cost_vs_fast": passes / max(attacked, 1) / fast_passes, "seconds": round(seconds, 2),
+               "per_group": per_group}
+        if budget == "strong":
+            row["points_per_group"] = [g["k"] for g in groups]
+        rows[budget] = row
+    rounds = torch.cat([g["adaptive"].rounds[g["adaptive"].correct] for g in groups])
+    rows["adaptive"]["rounds_histogram"] = torch.bincount(rounds).tolist()
+    rows["adaptive"]["mean_rounds"] = float(rounds.double().mean())
+    return {
+        "reference": f"per point, the smallest distance any configuration found at most {REFERENCE_FACTOR}x the fast "
+                     f"budget's passes per point ({limit:.0f})",
+        "pooled": sorted(pooled_from), "groups": [g["label"] for g in groups], "points_per_group": n,
+        "budgets": rows, "runs": {budget: [f"{a} {json.dumps(o, sort_keys=True)}" for a, o in r]
+                                  for budget, r in plans.items()},
+        "targets": {"median_max": 1.001, "p90_max": 1.01, "worst_max": 1.05, "adaptive_cost_vs_fast_max": 1.5},
+    }
+
+
+def _within(d: torch.Tensor, ref: torch.Tensor, factor: float) -> float:
+    keep = (ref > 0) & torch.isfinite(ref)
+    return float((d[keep] <= factor * ref[keep]).double().mean())
+
+
+def budgets_markdown(part: dict[str, Any]) -> str:
+    lines = ["| budget | passes/point | vs fast | seconds | median | p90 | worst | within 1 % | within 0.1 % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in part["budgets"].items():
+        lines.append(f"| {name} | {r['passes_per_point']:.0f} | {r['cost_vs_fast']:.2f} | {r['seconds']:.1f} | "
+                     f"{r['median']:.4f} | {r['p90']:.4f} | {r['worst']:.4f} | {r['within_1pct']:.2f} | "
+                     f"{r['within_0.1pct']:.2f} |")
+    a = part["budgets"]["adaptive"]
+    lines += ["", f"adaptive rounds per attacked point (count of points with 0, 1, 2, ... rounds): "
+                  f"{a['rounds_histogram']}, mean {a['mean_rounds']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
 def tail_markdown(tail: dict[str, Any]) -> str:
     lines = ["| attack | budget | passes/point | seconds | median | p90 | worst | within 1 % |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -221,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run directory with checkpoints")
     src.add_argument("--selftest", action="store_true", help="train a small CNN here instead of reading a run")
+    src.add_argument("--bn-cnn", action="store_true",
+                     help="part d: train a small BatchNorm CNN here on the embedded digits instead of reading a run")
     p.add_argument("--n", type=int, default=100, help="points per checkpoint (default 100)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--checkpoints", default="all")
@@ -233,17 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="c", help="comma list of parts to run: a,b,c (default c)")
     p.add_argument("--factors", default="1,3", help="part c: step multiples of the fast budget (default 1,3)")
     p.add_argument("--restarts", default="3", help="part c: restart counts at 1x steps (default 3)")
-    p.add_argument("--out", type=Path, help="part c: write tail.json and tail.md into this directory")
+    p.add_argument("--out", type=Path, help="parts c, d: write tail.* or budgets.* into this directory")
+    p.add_argument("--strong-n", type=int, default=None,
+                   help="part d: points per group for the strong budget's reference CW (default --n; 0 skips it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.selftest:
+    if args.bn_cnn:
+        models, bn_data = bn_cnn_models(args.n)
+        x, y = bn_data[args.split]
+    elif args.selftest:
         models, x, y = selftest_models(args.n)
     else:
         models, x, y = run_models(args.run, args.split, args.n, args.checkpoints)
     reduced = {"steps": args.cw_steps, "binary_search_steps": args.cw_search_steps}
     out: dict[str, Any] = {
-        "setup": {"source": "selftest" if args.selftest else str(args.run), "split": args.split, "n": len(x),
+        "setup": {"source": "bn-cnn" if args.bn_cnn else "selftest" if args.selftest else str(args.run), "split": args.split, "n": len(x),
                   "checkpoints": [name for name, _ in models], "threads": args.threads,
                   "torch": torch.__version__, "device": "cpu"},
     }
@@ -316,6 +499,24 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "tail.json").write_text(json.dumps(out, indent=2))
             (args.out / "tail.md").write_text(tail_markdown(out["c_tail"]))
         print(tail_markdown(out["c_tail"]), file=sys.stderr)
+    if "d" in parts:
+        if args.bn_cnn:
+            data = {split: (t[0][:args.n], t[1][:args.n]) for split, t in bn_data.items()}
+        elif args.selftest:
+            data = {args.split: (x, y)}
+        else:
+            from robustmargin.rundir import load_split
+
+            if args.checkpoints == "all":
+                models = [models[0], models[-1]]
+            data = {split: load_split(args.run, split) for split in ("train", "test")}
+        strong_n = args.n if args.strong_n is None else args.strong_n
+        out["d_budgets"] = budgets_part(models, data, args.n, strong_n)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "budgets.json").write_text(json.dumps(out, indent=2))
+            (args.out / "budgets.md").write_text(budgets_markdown(out["d_budgets"]))
+        print(budgets_markdown(out["d_budgets"]), file=sys.stderr)
     print(json.dumps(out, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     return 0
 

@@ -20,7 +20,8 @@ SHORT = AdaptiveSettings(
             Step("apgd", {"steps": 5, "search_steps": 5})),
     further=(Step("ddn", {"steps": 20}, "sphere"), Step("fmn", {"steps": 20}, "best"),
              Step("apgd", {"steps": 4, "search_steps": 3}, "sphere")),
-    max_rounds=4, spread_threshold=1.5)  # short attacks disagree a lot: 1.5 leaves some points agreeing
+    max_rounds=4, spread_threshold=1.5,  # short attacks disagree a lot: 1.5 leaves some points agreeing
+    max_doubt_share=1.0)
 # forward (= backward) samples per point of one call, from each attack's loop
 PASSES = {("ddn", "input"): 40, ("ddn", "sphere"): 20, ("alma", "input"): 40, ("fmn", "best"): 20,
           ("apgd", "input"): 5 * 5 + 1, ("apgd", "sphere"): 4 * 3 + 1}
@@ -83,7 +84,7 @@ def test_rounds_follow_the_rules(problem, result):
     assert result.rounds.max() <= SHORT.max_rounds
 
     model, x, y = problem
-    state = start_state(model, x, y, SHORT)
+    state = start_state(model, x, y)
     for round_ in range(1, SHORT.max_rounds + 1):
         before = state.distances.clone()
         going = state.active.clone()
@@ -102,7 +103,8 @@ def test_spread_counts_a_failure_as_disagreement():
         y = model(x).argmax(1)
     weak = AdaptiveSettings(round1=(Step("ddn", {"steps": 20}),
                                     Step("apgd", {"steps": 1, "search_steps": 1, "init_epsilon": 1e-6})),
-                            further=(Step("fmn", {"steps": 10}, "best"),), max_rounds=2, spread_threshold=1.05)
+                            further=(Step("fmn", {"steps": 10}, "best"),), max_rounds=2, spread_threshold=1.05,
+                            max_doubt_share=1.0)
     state = adaptive_attack(model, x, y, weak)
     assert torch.isinf(state.spread).all() and (state.rounds == 2).all()
 
@@ -161,7 +163,7 @@ def test_adversarials_are_verified(problem, result):
 
 def test_resumes_from_the_state_after_any_round(problem, result):
     model, x, y = problem
-    state = start_state(model, x, y, SHORT)
+    state = start_state(model, x, y)
     while not state.done:
         state = adaptive_round(model, x, y, state, SHORT)
         buffer = io.BytesIO()
@@ -176,7 +178,8 @@ def test_bad_settings_are_user_errors(problem):
     model, x, y = problem
     for bad in ({"max_rounds": 0}, {"spread_threshold": 0.5}, {"round1": ()}, {"tol": -1.0},
                 {"further": (Step("cw", {}, "sphere"),)}, {"further": (Step("ddn", {}, "nowhere"),)},
-                {"round1": (Step("ddn", {}, "best"),)}, {"estimate_threshold": 0.0}, {"rounds": 3}):
+                {"round1": (Step("ddn", {}, "best"),)}, {"estimate_threshold": 0.0}, {"rounds": 3},
+                {"max_doubt_share": 1.5}):
         with pytest.raises(UserError):
             adaptive_attack(model, x[:4], y[:4], SHORT, **bad)
 
@@ -202,7 +205,7 @@ def test_a_start_at_an_adversarial_is_never_lost(problem, attack, options):
 
 def test_a_round_leaves_the_state_it_was_given(problem):
     model, x, y = problem
-    state = adaptive_round(model, x, y, start_state(model, x, y, SHORT), SHORT)
+    state = adaptive_round(model, x, y, start_state(model, x, y), SHORT)
     saved = state.to_dict()
     copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items() if k != "attacks"}
     later = adaptive_round(model, x, y, state, SHORT)
@@ -212,3 +215,14 @@ def test_a_round_leaves_the_state_it_was_given(problem):
             torch.testing.assert_close(getattr(state, key), value, rtol=0, atol=0, equal_nan=True)
         else:
             assert getattr(state, key) == value, key
+
+
+def test_round_two_goes_to_at_most_a_share_of_the_points_those_most_in_doubt(problem):
+    model, x, y = problem
+    share = adaptive_attack(model, x, y, SHORT, max_doubt_share=0.25, max_rounds=2, spread_threshold=1.0)
+    attacked = int(share.correct.sum())
+    second = share.rounds == 2
+    assert int(second.sum()) == math.ceil(0.25 * attacked)
+    assert share.spread[second].min() >= share.spread[share.correct & ~second].max()
+    none = adaptive_attack(model, x, y, SHORT, max_doubt_share=0.0)
+    assert (none.rounds == none.correct.long()).all()
