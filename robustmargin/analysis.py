@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from robustmargin.claims import CLAIMS_DESCRIPTION, N_BOOT, claims_table
-from robustmargin.device import configure as configure_device
+from robustmargin.device import check_device, configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_csv, atomic_write_text
-from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run, read_csv
+from robustmargin.rundir import NOTES, PROVENANCE, ROBUSTNESS, TABLES, Run
 from robustmargin.stats import binomial_interval
 
 METRIC_COLUMNS = ("epoch", "log10_loss", "train_acc", "test_acc", "normalized_margin",
@@ -91,13 +91,6 @@ class Analysis:
     tables: dict[str, pd.DataFrame]
     certified: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- reading files
-
-def read_csv_checked(path: Path, columns: tuple[str, ...] = (), *, required: bool = True) -> pd.DataFrame | None:
-    """A CSV with the given columns; a missing (when required), unreadable or incomplete file is a UserError."""
-    return read_csv(path, columns, required=required)
 
 
 # ----------------------------------------------------------------------------- invariants
@@ -516,15 +509,6 @@ def check_epsilons(epsilons) -> list[float]:
     return values
 
 
-def _check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda asked for, but torch sees no CUDA device")
-
-
 def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 100, progress: bool = True,
                 write: bool = True, epsilons: list[float] | None = None) -> Analysis:
     """Compute every table of a run and (by default) write them under RUN/tables and RUN/robustness.
@@ -534,7 +518,7 @@ def analyze_run(run_dir: str | Path | Run, *, device: str = "cpu", kkt_k: int = 
     file are refused, never used. `epsilons` (else those chosen by `attack --eps`, else the quartiles of the
     distances) are where tables/robust_accuracy.csv gives robust accuracy with intervals."""
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    _check_device(device)
+    check_device(device)
     chosen = check_epsilons(epsilons) if epsilons is not None else run.epsilons()
     configure_device(device)  # IEEE float32 on CUDA, as in training
     if kkt_k < 1:

@@ -40,3 +40,16 @@ def configure(device: torch.device | str, *, deterministic: bool = True, tf32: b
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic  # benchmarking picks algorithms by timing
     torch.use_deterministic_algorithms(deterministic)
+
+
+def check_device(device: str) -> torch.device:
+    """The device named, or one line saying why it cannot be used (before any work)."""
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"bad device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    return dev

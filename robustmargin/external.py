@@ -55,7 +55,8 @@ def attack_spec(spec: str, *, data: str, out: str | Path, weights: str | Path | 
     `out` is created, so a refused command leaves nothing behind.
     `options` go to robustness.evaluate_run (attacks, budget, steps, batch_size, device, progress)."""
     from robustmargin.data import load_data, load_npz
-    from robustmargin.robustness import attack_settings, check_device, evaluate_run
+    from robustmargin.device import check_device
+    from robustmargin.robustness import attack_settings, evaluate_run
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -137,7 +138,8 @@ def evaluate(model: nn.Module, x, y=None, *, out: str | Path, attacks: Sequence[
     Returns one row per point (robustness/points.csv): index, label, correct, distance (the per-sample
     minimum over the attacks), best_attack and spread; `robust_accuracy_curve(result["distance"], eps)`
     takes it directly."""
-    from robustmargin.robustness import attack_settings, check_device
+    from robustmargin.device import check_device
+    from robustmargin.robustness import attack_settings
 
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")

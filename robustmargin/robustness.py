@@ -25,7 +25,7 @@ from robustmargin.attacks.runner import (
 )
 from robustmargin import distributed
 from robustmargin.distributed import World
-from robustmargin.device import configure as configure_device
+from robustmargin.device import check_device, configure as configure_device
 from robustmargin.errors import UserError
 from robustmargin.fileio import atomic_write_text
 from robustmargin.rundir import (DISTANCE_COLUMNS, SETTINGS_FILE, SPLITS, AttackSettings, Run, Unit,
@@ -168,19 +168,6 @@ def _select_checkpoints(index: pd.DataFrame, checkpoints: Sequence[str] | str | 
         if name not in names:
             raise UserError(f"unknown checkpoint {name!r}; this run has: {', '.join(map(str, names))}")
     return index[index["name"].isin(wanted)]
-
-
-def check_device(device: str) -> torch.device:
-    """The device named, or one line saying why it cannot be used (before any work)."""
-    if str(device).split(":")[0] not in ("cpu", "cuda"):
-        raise UserError(f"device must be cpu or cuda, got {device!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"bad device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    return dev
 
 
 def check_attack_plan(cfg, n: int, *, device: str = "cpu", **settings) -> None:
